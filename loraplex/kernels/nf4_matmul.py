@@ -1,0 +1,540 @@
+"""Fused NF4 dequant-matmul: `y[M, N] = x[M, K] @ dequantize_nf4(w).T (+ bias)`.
+
+Three ways to run one product, picked per (device, N, K, M bucket, dtype) by `plan_for`
+(measured by `tune` at warm-up, else a heuristic):
+
+- `gemv`  (decode, M = 1): CUDA cores. Each program streams BLOCK_N weight rows over its
+  share of K exactly once, decodes nibbles through the 16-entry code book (64 bytes, one
+  cache line), sums each 64-value block unscaled and multiplies once by the block's absmax,
+  decoded inline from the double quantization.
+- `gemm`  (M >= 2): tensor cores. Each program dequantizes a [BLOCK_N, BLOCK_K] weight tile
+  once and reuses it for BLOCK_M rows (`tl.dot`, fp32 accumulation).
+- `cublas` (large M): dequantize into a scratch bf16/fp16 buffer, then `F.linear`. The
+  scratch is reused between calls; no dequantized weight stays resident per layer.
+
+Split-K (several programs per output tile, so that a single row keeps every SM busy) adds
+fp32 partials atomically into a workspace; the last program of each tile, counted with an
+atomic ticket, writes the output and zeroes its workspace and ticket again. The workspace is
+therefore always clean between calls: no memset kernel, no second reduction kernel, and the
+launch never depends on data, so decode steps can be captured in CUDA graphs. The workspace
+is per device and assumes one stream issues these products at a time (the engine thread).
+
+On CPU the product runs `nf4_matmul_ref` (dequantize + `F.linear`), unless
+`TRITON_INTERPRET=1`, in which case the Triton kernels run in Triton's interpreter (tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .nf4 import NF4Weight, dequantize_nf4, nf4_levels
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (e.g. macOS): the reference path still works on CPU
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_ACT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------
+
+
+def nf4_matmul_ref(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-PyTorch oracle and CPU fallback: `x @ dequantize_nf4(w).T + bias`."""
+    return F.linear(x, dequantize_nf4(w, x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, mask,
+                      NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr):
+        # fp32 absmax of blocks `blk`: code2[absmax_u8] * absmax2[blk // 256] + offset.
+        if NESTED:
+            a = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            s2 = tl.load(absmax2_ptr + blk // NESTED_BLOCK, mask=mask, other=0.0)
+            return tl.load(code2_ptr + a) * s2 + offset
+        else:
+            return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+    @triton.jit
+    def _k_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        # Contiguous run of BLOCK_K chunks of K owned by split `pid_k` (may be empty).
+        per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_lo = pid_k * per_split
+        return k_lo, tl.minimum(k_lo + per_split, K)
+
+    @triton.jit
+    def _write_tile(acc, offs_m, offs_n, M, N, y_ptr, bias_ptr, ws_ptr, ticket_ptr, tile_id,
+                    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+        # acc: fp32 [BLOCK_M, BLOCK_N] partial (or full, SPLIT_K == 1) result of this tile.
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        idx = offs_m[:, None] * N + offs_n[None, :]
+        if SPLIT_K > 1:
+            tl.atomic_add(ws_ptr + idx, acc, mask=mask, sem="relaxed")
+            tl.debug_barrier()  # all partial adds of this program precede its ticket (release)
+            ticket = tl.atomic_add(ticket_ptr + tile_id, 1, sem="acq_rel")
+            if ticket == SPLIT_K - 1:  # last one in: reduce, then leave the workspace clean
+                acc = tl.atomic_add(ws_ptr + idx, tl.zeros_like(acc), mask=mask, sem="relaxed")
+                acc = tl.where(mask, acc, 0.0)  # masked lanes of an atomic return garbage
+                tl.store(ws_ptr + idx, tl.zeros_like(acc), mask=mask)
+                tl.store(ticket_ptr + tile_id, 0)
+                if HAS_BIAS:
+                    acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _nf4_gemv_kernel(
+        x_ptr, codes_ptr, absmax_ptr, absmax2_ptr, code2_ptr, levels_ptr, offset,
+        bias_ptr, y_ptr, ws_ptr, ticket_ptr, M, N, K,
+        NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    ):
+        # grid = (cdiv(N, BLOCK_N), SPLIT_K, M): one output row, BLOCK_N columns, one K share.
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        HALF: tl.constexpr = BLOCK_K // 2  # code bytes per row and chunk
+        NB: tl.constexpr = BLOCK_K // 64  # 64-value blocks per row and chunk
+        KH = K // 2
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        j = tl.arange(0, HALF)
+        b = tl.arange(0, NB)
+        k_lo, k_hi = _k_range(pid_k, K, BLOCK_K, SPLIT_K)
+        acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kb = k0 // 2 + j
+            k_mask = kb < KH
+            codes = tl.load(codes_ptr + offs_n[:, None] * KH + kb[None, :],
+                            mask=n_mask[:, None] & k_mask[None, :], other=0,
+                            eviction_policy="evict_first")
+            w_hi = tl.load(levels_ptr + (codes >> 4).to(tl.int32))  # even k (high nibble)
+            w_lo = tl.load(levels_ptr + (codes & 0xF).to(tl.int32))  # odd k
+            x_even = tl.load(x_ptr + pid_m * K + 2 * kb, mask=k_mask, other=0.0,
+                             eviction_policy="evict_last").to(tl.float32)
+            x_odd = tl.load(x_ptr + pid_m * K + 2 * kb + 1, mask=k_mask, other=0.0,
+                            eviction_policy="evict_last").to(tl.float32)
+            part = w_hi * x_even[None, :] + w_lo * x_odd[None, :]
+            block_sums = tl.sum(tl.reshape(part, [BLOCK_N, NB, 32]), axis=2)  # unscaled
+            blk = offs_n[:, None] * (K // 64) + (k0 // 64 + b)[None, :]
+            b_mask = n_mask[:, None] & ((k0 // 64 + b) < K // 64)[None, :]
+            scale = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, b_mask,
+                                  NESTED, NESTED_BLOCK)
+            acc += block_sums * scale
+        out = tl.sum(acc, axis=1)
+        _write_tile(out[None, :], pid_m + tl.arange(0, 1), offs_n, M, N, y_ptr, bias_ptr,
+                    ws_ptr, ticket_ptr, pid_m * tl.cdiv(N, BLOCK_N) + pid_n, HAS_BIAS, SPLIT_K)
+
+    @triton.jit
+    def _nf4_gemm_kernel(
+        x_ptr, codes_ptr, absmax_ptr, absmax2_ptr, code2_ptr, levels_ptr, offset,
+        bias_ptr, y_ptr, ws_ptr, ticket_ptr, M, N, K,
+        NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr,
+    ):
+        # grid = (m_tiles * n_tiles, SPLIT_K); tiles ordered in groups of GROUP_M rows of
+        # tiles so that neighbouring programs share weight tiles in L2.
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        m_tiles = tl.cdiv(M, BLOCK_M)
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * n_tiles)
+        first_m = group * GROUP_M
+        group_rows = tl.minimum(m_tiles - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * n_tiles)) % group_rows
+        pid_n = (pid % (GROUP_M * n_tiles)) // group_rows
+
+        HALF: tl.constexpr = BLOCK_K // 2
+        NB: tl.constexpr = BLOCK_K // 64
+        KH = K // 2
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        j = tl.arange(0, HALF)
+        kk = tl.arange(0, BLOCK_K)
+        b = tl.arange(0, NB)
+        k_lo, k_hi = _k_range(pid_k, K, BLOCK_K, SPLIT_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            x = tl.load(x_ptr + offs_m[:, None] * K + (k0 + kk)[None, :],
+                        mask=m_mask[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
+            kb = k0 // 2 + j
+            codes = tl.load(codes_ptr + offs_n[:, None] * KH + kb[None, :],
+                            mask=n_mask[:, None] & (kb < KH)[None, :], other=0,
+                            eviction_policy="evict_first")
+            w_hi = tl.load(levels_ptr + (codes >> 4).to(tl.int32))
+            w_lo = tl.load(levels_ptr + (codes & 0xF).to(tl.int32))
+            blk = offs_n[:, None] * (K // 64) + (k0 // 64 + b)[None, :]
+            b_mask = n_mask[:, None] & ((k0 // 64 + b) < K // 64)[None, :]
+            scale = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, b_mask,
+                                  NESTED, NESTED_BLOCK)
+            # interleave (even, odd) back into k order, one multiply per value by its scale
+            w = tl.reshape(tl.join(w_hi, w_lo), [BLOCK_N, NB, 64]) * scale[:, :, None]
+            w = tl.reshape(w, [BLOCK_N, BLOCK_K])
+            if DOT_FP32:  # interpreter: its bf16 arithmetic is wrong, compute in fp32
+                acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        _write_tile(acc, offs_m, offs_n, M, N, y_ptr, bias_ptr, ws_ptr, ticket_ptr,
+                    pid_m * n_tiles + pid_n, HAS_BIAS, SPLIT_K)
+
+    @triton.jit
+    def _nf4_dequant_kernel(codes_ptr, absmax_ptr, absmax2_ptr, code2_ptr, levels_ptr, offset,
+                            out_ptr, n_bytes,
+                            NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+        # Flat: BLOCK code bytes -> 2 * BLOCK values, row-major like the weight itself.
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_bytes
+        codes = tl.load(codes_ptr + offs, mask=mask, other=0, eviction_policy="evict_first")
+        w_hi = tl.load(levels_ptr + (codes >> 4).to(tl.int32))
+        w_lo = tl.load(levels_ptr + (codes & 0xF).to(tl.int32))
+        blk = tl.program_id(0) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
+        scale = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk,
+                              blk < tl.cdiv(n_bytes, 32), NESTED, NESTED_BLOCK)
+        w = tl.reshape(tl.join(w_hi, w_lo), [BLOCK // 32, 64]) * scale[:, None]
+        out_offs = 2 * tl.program_id(0) * BLOCK + tl.arange(0, 2 * BLOCK)
+        tl.store(out_ptr + out_offs, tl.reshape(w, [2 * BLOCK]).to(out_ptr.dtype.element_ty),
+                 mask=out_offs < 2 * n_bytes)
+
+
+# ----------------------------------------------------------------------------------------
+# Plans: which kernel and tile sizes for a shape
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one product runs. `kind` is 'gemv', 'gemm' or 'cublas'."""
+
+    kind: str
+    block_m: int = 1
+    block_n: int = 64
+    block_k: int = 256
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def m_bucket(m: int) -> int:
+    """Smallest bucket >= m (the largest bucket for anything above it)."""
+    return M_BUCKETS[-1] if m >= M_BUCKETS[-1] else 1 << (m - 1).bit_length()
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _split_for(tiles: int, k_chunks: int, sms: int) -> int:
+    # Enough programs for ~2 waves over the SMs, never more splits than K chunks.
+    split = 1
+    while tiles * split < 2 * sms and split * 2 <= min(k_chunks, 16):
+        split *= 2
+    return split
+
+
+def heuristic_plan(n: int, k: int, m: int, device: torch.device) -> Plan:
+    """A reasonable plan without measurement (used until `tune` has measured a shape)."""
+    sms = _num_sms(device)
+    if device.type != "cuda":  # interpreter: small tiles keep CPU tests quick
+        if m == 1:
+            return Plan("gemv", block_n=16, block_k=128, split_k=_split_for(-(-n // 16), k // 128, sms))
+        return Plan("gemm", block_m=16, block_n=32, block_k=64, split_k=1)
+    if m == 1:
+        block_k = 512 if k % 512 == 0 else 256
+        tiles = -(-n // 16)
+        return Plan("gemv", block_n=16, block_k=block_k, split_k=_split_for(tiles, k // block_k, sms),
+                    num_warps=4)
+    if m <= 64:
+        block_m = max(16, m_bucket(m))
+        tiles = -(-n // 64) * -(-m // block_m)
+        return Plan("gemm", block_m=block_m, block_n=64, block_k=128,
+                    split_k=_split_for(tiles, k // 128, sms), num_warps=4, num_stages=3)
+    if m < 1024:
+        return Plan("gemm", block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
+    return Plan("cublas")
+
+
+def candidate_plans(n: int, k: int, m: int, device: torch.device) -> list[Plan]:
+    """Plans `tune` measures for one shape and M bucket."""
+    sms = _num_sms(device)
+    plans: list[Plan] = []
+    if m == 1:
+        for bn in (4, 8, 16, 32, 64):
+            for bk in (256, 512, 1024, 2048):
+                if k % bk or bn * bk // 2 > 32768:
+                    continue
+                for warps in (1, 2, 4, 8):
+                    per_thread = bn * bk // 2 // (32 * warps)
+                    if not 16 <= per_thread <= 256:
+                        continue
+                    for split in (1, 2, 4, 8, 16):
+                        if split <= k // bk and -(-n // bn) * split <= 64 * sms:
+                            plans.append(Plan("gemv", block_n=bn, block_k=bk, split_k=split, num_warps=warps))
+        return plans
+    block_ms = [bm for bm in (16, 32, 64, 128) if bm <= max(16, m_bucket(m))]
+    for bm in block_ms:
+        for bn in (32, 64, 128, 256):
+            for bk in (64, 128, 256):
+                if k % bk or bm * bn > 128 * 256 or bn * bk > 256 * 128:
+                    continue
+                tiles = -(-m // bm) * -(-n // bn)
+                for split in (1, 2, 4, 8, 16):
+                    if split > k // bk or (split > 1 and tiles >= 2 * sms):
+                        continue
+                    for warps, stages in ((4, 2), (4, 3), (8, 3), (4, 4)):
+                        plans.append(Plan("gemm", bm, bn, bk, split, warps, stages))
+    if m >= 64:
+        plans.append(Plan("cublas"))
+    return plans
+
+
+class _PlanCache:
+    """Measured plans per (device name, dtype, N, K, M bucket), kept in memory and on disk."""
+
+    def __init__(self) -> None:
+        self._plans: dict[str, Plan] = {}
+        self._loaded = False
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def path() -> Path:
+        default = Path.home() / ".cache" / "loraplex" / "nf4_plans.json"
+        return Path(os.environ.get("LORAPLEX_TUNE_CACHE", default))
+
+    @staticmethod
+    def key(device: torch.device, dtype: torch.dtype, n: int, k: int, bucket: int) -> str:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        version = triton.__version__ if triton is not None else "none"
+        return f"{name}|triton-{version}|{str(dtype).removeprefix('torch.')}|{n}x{k}|m{bucket}"
+
+    def _load(self) -> None:
+        self._loaded = True
+        try:
+            raw = json.loads(self.path().read_text())
+            self._plans.update({key: Plan(**value) for key, value in raw.items()})
+        except (OSError, ValueError, TypeError):
+            pass  # no cache yet, or an unreadable one: tune again
+
+    def get(self, key: str) -> Plan | None:
+        if not self._loaded:
+            with self._lock:
+                if not self._loaded:
+                    self._load()
+        return self._plans.get(key)
+
+    def put(self, key: str, plan: Plan) -> None:
+        with self._lock:
+            self._plans[key] = plan
+            try:
+                path = self.path()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({k: asdict(v) for k, v in self._plans.items()}, indent=1))
+                tmp.replace(path)
+            except OSError:
+                pass  # read-only home: keep the plan in memory only
+
+
+_plans = _PlanCache()
+
+
+def plan_for(w: NF4Weight, m: int, dtype: torch.dtype) -> Plan:
+    """The measured plan for this shape and M bucket, else the heuristic one."""
+    n, k = w.shape
+    if w.device.type == "cuda":
+        found = _plans.get(_PlanCache.key(w.device, dtype, n, k, m_bucket(m)))
+        if found is not None:
+            return found
+    return heuristic_plan(n, k, m, w.device)
+
+
+# ----------------------------------------------------------------------------------------
+# Launch wrappers
+# ----------------------------------------------------------------------------------------
+
+
+class _Workspace:
+    """Per-device fp32 split-K accumulators and tickets; zero between calls by construction."""
+
+    def __init__(self) -> None:
+        self._by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, device: torch.device, values: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ws, tickets = self._by_device.get(device, (None, None))
+        if ws is None or ws.numel() < values or tickets.numel() < tiles:
+            # Grow (rarely: warm-up sizes it). Zeroed once; kernels leave it zeroed.
+            ws = torch.zeros(max(values, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+            tickets = torch.zeros(max(tiles, 0 if tickets is None else tickets.numel()),
+                                  dtype=torch.int32, device=device)
+            self._by_device[device] = (ws, tickets)
+        return ws, tickets
+
+
+_workspace = _Workspace()
+_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _weight_args(w: NF4Weight) -> tuple:
+    levels = nf4_levels(w.device)
+    if w.nested:
+        return w.codes, w.absmax, w.absmax2, w.code2, levels, w.offset
+    return w.codes, w.absmax, w.absmax, w.absmax, levels, 0.0
+
+
+def _check(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None) -> None:
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"nf4_matmul: x has {x.shape[-1]} features, weight expects K={k}")
+    if k % 64:
+        raise ValueError(f"nf4_matmul: K={k} must be a multiple of 64")
+    if w.blocksize != 64:
+        raise ValueError(f"nf4_matmul: the kernels need NF4 blocksize 64, this weight has {w.blocksize}")
+    if x.device != w.device:
+        raise ValueError(f"nf4_matmul: x is on {x.device}, weight on {w.device}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"nf4_matmul: bias must have shape [{n}], got {list(bias.shape)}")
+
+
+def dequantize_to(w: NF4Weight, out: torch.Tensor) -> torch.Tensor:
+    """Write the dequantized [N, K] weight into `out` (bf16/fp16) with one kernel launch."""
+    n_bytes = w.codes.numel()
+    block = 1024
+    _nf4_dequant_kernel[(triton.cdiv(n_bytes, block),)](
+        *_weight_args(w), out, n_bytes,
+        NESTED=w.nested, NESTED_BLOCK=w.nested_blocksize, BLOCK=block,
+    )
+    return out
+
+
+def _run_plan(plan: Plan, x2: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    m, k = x2.shape
+    n = w.shape[0]
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m == 0:
+        return y
+    if plan.kind == "cublas":
+        key = (x2.device, x2.dtype)
+        buf = _scratch.get(key)
+        if buf is None or buf.numel() < n * k:
+            buf = _scratch[key] = torch.empty(n * k, dtype=x2.dtype, device=x2.device)
+        w_dense = dequantize_to(w, buf[: n * k].view(n, k))
+        return torch.addmm(bias.to(x2.dtype), x2, w_dense.T, out=y) if bias is not None \
+            else torch.mm(x2, w_dense.T, out=y)
+
+    common = dict(NESTED=w.nested, NESTED_BLOCK=w.nested_blocksize, HAS_BIAS=bias is not None,
+                  BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, SPLIT_K=plan.split_k,
+                  num_warps=plan.num_warps, num_stages=plan.num_stages)
+    n_tiles = triton.cdiv(n, plan.block_n)
+    if plan.kind == "gemv":
+        grid = (n_tiles, plan.split_k, m)
+        tiles = n_tiles * m
+        kernel, extra = _nf4_gemv_kernel, {}
+    elif plan.kind == "gemm":
+        tiles = triton.cdiv(m, plan.block_m) * n_tiles
+        grid = (tiles, plan.split_k)
+        kernel, extra = _nf4_gemm_kernel, dict(BLOCK_M=plan.block_m, GROUP_M=8, DOT_FP32=INTERPRET)
+    else:
+        raise ValueError(f"unknown plan kind {plan.kind!r}")
+    ws, tickets = _workspace.get(x2.device, m * n if plan.split_k > 1 else 0, tiles if plan.split_k > 1 else 0)
+    kernel[grid](x2, *_weight_args(w), bias if bias is not None else y, y, ws, tickets, m, n, k,
+                 **common, **extra)
+    return y
+
+
+def _use_triton(device: torch.device) -> bool:
+    return triton is not None and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
+
+
+def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
+               plan: Plan | None = None) -> torch.Tensor:
+    """`y = x @ dequantize_nf4(w).T + bias` for x [..., K] in bf16/fp16 (fp32 accumulation).
+
+    `plan` forces a kernel configuration (tests, tuning); by default the measured or
+    heuristic plan for this shape is used.
+    """
+    _check(x, w, bias)
+    if not _use_triton(x.device):
+        return nf4_matmul_ref(x, w, bias)
+    if x.dtype not in _ACT_DTYPES:
+        raise ValueError(f"nf4_matmul: activations must be bfloat16 or float16, got {x.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    plan = plan or plan_for(w, x2.shape[0], x.dtype)
+    return _run_plan(plan, x2, w, bias).view(*lead, w.shape[0])
+
+
+# ----------------------------------------------------------------------------------------
+# Tuning (warm-up only; never on the request path)
+# ----------------------------------------------------------------------------------------
+
+
+def tune(shapes: list[tuple[int, int]], ms: list[int], dtype: torch.dtype = torch.bfloat16,
+         device: torch.device | str = "cuda", l2_bytes: int = 64 << 20, force: bool = False,
+         progress: bool = True) -> dict[str, Plan]:
+    """Measure every candidate plan for each (N, K) and M bucket, keep the fastest.
+
+    Weights are rotated among enough random copies to exceed L2, so the timing is of
+    memory, not cache. Results persist in the plan cache (`LORAPLEX_TUNE_CACHE`).
+    """
+    from triton.testing import do_bench
+    from tqdm import tqdm
+
+    from .nf4 import quantize_nf4
+
+    device = torch.device(device)
+    chosen: dict[str, Plan] = {}
+    jobs = [(n, k, m_bucket(m)) for n, k in shapes for m in sorted({m_bucket(m) for m in ms})]
+    for n, k, m in tqdm(jobs, desc="tuning nf4_matmul", disable=not progress):
+        key = _PlanCache.key(device, dtype, n, k, m)
+        if not force and (found := _plans.get(key)) is not None:
+            chosen[key] = found
+            continue
+        base = quantize_nf4(torch.randn(n, k, device=device, dtype=dtype) * 0.02)
+        copies = max(1, -(-l2_bytes // base.resident_bytes()))
+        weights = [base] + [quantize_nf4(torch.randn(n, k, device=device, dtype=dtype) * 0.02)
+                            for _ in range(copies - 1)]
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        best, best_ms = None, float("inf")
+        for plan in candidate_plans(n, k, m, device):
+            turn = iter(range(1 << 62))
+            try:
+                t = do_bench(lambda: nf4_matmul(x, weights[next(turn) % copies], plan=plan),
+                             warmup=5, rep=20)
+            except Exception:  # a config that does not compile or fit (shared memory): skip it
+                continue
+            if t < best_ms:
+                best, best_ms = plan, t
+        if best is not None:
+            _plans.put(key, best)
+            chosen[key] = best
+    return chosen
