@@ -1,0 +1,1 @@
+"""Triton kernels, each with its pure-PyTorch reference (`*_ref`) beside it."""
