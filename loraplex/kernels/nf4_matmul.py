@@ -104,43 +104,62 @@ if triton is not None:
             tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _nibble(words, e: tl.constexpr):
+        # Code of value e (0..7) of each uint32 word: bitsandbytes packs value 2j in the high
+        # and 2j+1 in the low nibble of byte j.
+        return ((words >> (8 * (e // 2) + 4 - 4 * (e % 2))) & 0xF).to(tl.int32)
+
+    @triton.jit
+    def _decode_words(words, levels):
+        # uint32 words [R, B, W] -> NF4 levels [R, B, 8 * W] in k order, with one gather from
+        # the 16-entry code book held in registers (no global load per value). Nested joins
+        # keep a word's 8 values in its own thread; joined slot i holds value bitrev3(i) so
+        # that the flattened order is k order.
+        r = tl.join(tl.join(tl.join(_nibble(words, 0), _nibble(words, 4)),
+                            tl.join(_nibble(words, 2), _nibble(words, 6))),
+                    tl.join(tl.join(_nibble(words, 1), _nibble(words, 5)),
+                            tl.join(_nibble(words, 3), _nibble(words, 7))))
+        idx = tl.reshape(r, [words.shape[0], words.shape[1], 8 * words.shape[2]])
+        flat = tl.gather(levels, tl.reshape(idx, [idx.numel]), 0)
+        return tl.reshape(flat, idx.shape)
+
+    @triton.jit
     def _nf4_gemv_kernel(
         x_ptr, codes_ptr, absmax_ptr, absmax2_ptr, code2_ptr, levels_ptr, offset,
-        bias_ptr, y_ptr, ws_ptr, ticket_ptr, M, N, K,
+        bias_ptr, y_ptr, ws_ptr, ticket_ptr, M, N, K, KH,
         NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     ):
         # grid = (cdiv(N, BLOCK_N), SPLIT_K, M): one output row, BLOCK_N columns, one K share.
+        # Codes are read as uint32 words in tiles [BLOCK_N rows, NB blocks of 64 values,
+        # 8 words] (16-byte loads); a block's unscaled sum is a reduction along the last axis,
+        # scaled once by the block's absmax.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
-        HALF: tl.constexpr = BLOCK_K // 2  # code bytes per row and chunk
-        NB: tl.constexpr = BLOCK_K // 64  # 64-value blocks per row and chunk
-        KH = K // 2
+        NB: tl.constexpr = BLOCK_K // 64
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        j = tl.arange(0, HALF)
         b = tl.arange(0, NB)
+        words_ptr = codes_ptr.to(tl.pointer_type(tl.uint32)) + offs_n.to(tl.int64)[:, None, None] * (KH // 4)
+        word_offs = 8 * b[None, :, None] + tl.arange(0, 8)[None, None, :]
+        x_offs = 64 * b[:, None] + tl.arange(0, 64)[None, :]
+        levels = tl.load(levels_ptr + tl.arange(0, 16))
         k_lo, k_hi = _k_range(pid_k, K, BLOCK_K, SPLIT_K)
         acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            kb = k0 // 2 + j
-            k_mask = kb < KH
-            codes = tl.load(codes_ptr + offs_n[:, None] * KH + kb[None, :],
-                            mask=n_mask[:, None] & k_mask[None, :], other=0,
+            k0 = tl.multiple_of(k0, BLOCK_K)
+            blocks = k0 // 64 + b
+            b_mask = blocks < K // 64
+            words = tl.load(words_ptr + k0 // 8 + word_offs,
+                            mask=n_mask[:, None, None] & b_mask[None, :, None], other=0,
                             eviction_policy="evict_first")
-            w_hi = tl.load(levels_ptr + (codes >> 4).to(tl.int32))  # even k (high nibble)
-            w_lo = tl.load(levels_ptr + (codes & 0xF).to(tl.int32))  # odd k
-            x_even = tl.load(x_ptr + pid_m * K + 2 * kb, mask=k_mask, other=0.0,
-                             eviction_policy="evict_last").to(tl.float32)
-            x_odd = tl.load(x_ptr + pid_m * K + 2 * kb + 1, mask=k_mask, other=0.0,
-                            eviction_policy="evict_last").to(tl.float32)
-            part = w_hi * x_even[None, :] + w_lo * x_odd[None, :]
-            block_sums = tl.sum(tl.reshape(part, [BLOCK_N, NB, 32]), axis=2)  # unscaled
-            blk = offs_n[:, None] * (K // 64) + (k0 // 64 + b)[None, :]
-            b_mask = n_mask[:, None] & ((k0 // 64 + b) < K // 64)[None, :]
-            scale = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, b_mask,
-                                  NESTED, NESTED_BLOCK)
+            x = tl.load(x_ptr + pid_m * K + k0 + x_offs, mask=b_mask[:, None], other=0.0,
+                        eviction_policy="evict_last").to(tl.float32)
+            block_sums = tl.sum(_decode_words(words, levels) * x[None], axis=2)  # unscaled
+            blk = offs_n[:, None] * (K // 64) + blocks[None, :]
+            scale = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk,
+                                  n_mask[:, None] & b_mask[None, :], NESTED, NESTED_BLOCK)
             acc += block_sums * scale
         out = tl.sum(acc, axis=1)
         _write_tile(out[None, :], pid_m + tl.arange(0, 1), offs_n, M, N, y_ptr, bias_ptr,
@@ -149,7 +168,7 @@ if triton is not None:
     @triton.jit
     def _nf4_gemm_kernel(
         x_ptr, codes_ptr, absmax_ptr, absmax2_ptr, code2_ptr, levels_ptr, offset,
-        bias_ptr, y_ptr, ws_ptr, ticket_ptr, M, N, K,
+        bias_ptr, y_ptr, ws_ptr, ticket_ptr, M, N, K, KH,
         NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -166,34 +185,31 @@ if triton is not None:
         pid_m = first_m + (pid % (GROUP_M * n_tiles)) % group_rows
         pid_n = (pid % (GROUP_M * n_tiles)) // group_rows
 
-        HALF: tl.constexpr = BLOCK_K // 2
         NB: tl.constexpr = BLOCK_K // 64
-        KH = K // 2
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
         n_mask = offs_n < N
-        j = tl.arange(0, HALF)
         kk = tl.arange(0, BLOCK_K)
         b = tl.arange(0, NB)
+        words_ptr = codes_ptr.to(tl.pointer_type(tl.uint32)) + offs_n.to(tl.int64)[:, None, None] * (KH // 4)
+        word_offs = 8 * b[None, :, None] + tl.arange(0, 8)[None, None, :]
+        levels = tl.load(levels_ptr + tl.arange(0, 16))
         k_lo, k_hi = _k_range(pid_k, K, BLOCK_K, SPLIT_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
+            k0 = tl.multiple_of(k0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * K + (k0 + kk)[None, :],
                         mask=m_mask[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
-            kb = k0 // 2 + j
-            codes = tl.load(codes_ptr + offs_n[:, None] * KH + kb[None, :],
-                            mask=n_mask[:, None] & (kb < KH)[None, :], other=0,
+            blocks = k0 // 64 + b
+            b_mask = blocks < K // 64
+            words = tl.load(words_ptr + k0 // 8 + word_offs,
+                            mask=n_mask[:, None, None] & b_mask[None, :, None], other=0,
                             eviction_policy="evict_first")
-            w_hi = tl.load(levels_ptr + (codes >> 4).to(tl.int32))
-            w_lo = tl.load(levels_ptr + (codes & 0xF).to(tl.int32))
-            blk = offs_n[:, None] * (K // 64) + (k0 // 64 + b)[None, :]
-            b_mask = n_mask[:, None] & ((k0 // 64 + b) < K // 64)[None, :]
-            scale = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, b_mask,
-                                  NESTED, NESTED_BLOCK)
-            # interleave (even, odd) back into k order, one multiply per value by its scale
-            w = tl.reshape(tl.join(w_hi, w_lo), [BLOCK_N, NB, 64]) * scale[:, :, None]
-            w = tl.reshape(w, [BLOCK_N, BLOCK_K])
+            blk = offs_n[:, None] * (K // 64) + blocks[None, :]
+            scale = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk,
+                                  n_mask[:, None] & b_mask[None, :], NESTED, NESTED_BLOCK)
+            w = tl.reshape(_decode_words(words, levels) * scale[:, :, None], [BLOCK_N, BLOCK_K])
             if DOT_FP32:  # interpreter: its bf16 arithmetic is wrong, compute in fp32
                 acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
             else:
@@ -203,21 +219,20 @@ if triton is not None:
 
     @triton.jit
     def _nf4_dequant_kernel(codes_ptr, absmax_ptr, absmax2_ptr, code2_ptr, levels_ptr, offset,
-                            out_ptr, n_bytes,
-                            NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-        # Flat: BLOCK code bytes -> 2 * BLOCK values, row-major like the weight itself.
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_bytes
-        codes = tl.load(codes_ptr + offs, mask=mask, other=0, eviction_policy="evict_first")
-        w_hi = tl.load(levels_ptr + (codes >> 4).to(tl.int32))
-        w_lo = tl.load(levels_ptr + (codes & 0xF).to(tl.int32))
-        blk = tl.program_id(0) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
-        scale = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk,
-                              blk < tl.cdiv(n_bytes, 32), NESTED, NESTED_BLOCK)
-        w = tl.reshape(tl.join(w_hi, w_lo), [BLOCK // 32, 64]) * scale[:, None]
-        out_offs = 2 * tl.program_id(0) * BLOCK + tl.arange(0, 2 * BLOCK)
-        tl.store(out_ptr + out_offs, tl.reshape(w, [2 * BLOCK]).to(out_ptr.dtype.element_ty),
-                 mask=out_offs < 2 * n_bytes)
+                            out_ptr, n_blocks,
+                            NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+        # BLOCKS 64-value blocks (8 code words each) -> 64 * BLOCKS values, row-major like
+        # the weight itself.
+        blk = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+        mask = blk < n_blocks
+        w8 = tl.arange(0, 8)
+        words = tl.load(codes_ptr.to(tl.pointer_type(tl.uint32)) + 8 * blk[:, None, None] + w8[None, None, :],
+                        mask=mask[:, None, None], other=0, eviction_policy="evict_first")
+        levels = tl.load(levels_ptr + tl.arange(0, 16))
+        scale = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, mask, NESTED, NESTED_BLOCK)
+        w = tl.reshape(_decode_words(words, levels), [BLOCKS, 64]) * scale[:, None]
+        out = out_ptr + 64 * blk[:, None] + tl.arange(0, 64)[None, :]
+        tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask[:, None])
 
 
 # ----------------------------------------------------------------------------------------
@@ -424,12 +439,14 @@ def _check(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None) -> None:
 
 
 def dequantize_to(w: NF4Weight, out: torch.Tensor) -> torch.Tensor:
-    """Write the dequantized [N, K] weight into `out` (bf16/fp16) with one kernel launch."""
-    n_bytes = w.codes.numel()
-    block = 1024
-    _nf4_dequant_kernel[(triton.cdiv(n_bytes, block),)](
-        *_weight_args(w), out, n_bytes,
-        NESTED=w.nested, NESTED_BLOCK=w.nested_blocksize, BLOCK=block,
+    """Write the dequantized [N, K] weight into `out` (bf16/fp16/fp32) with one kernel launch."""
+    if w.blocksize != 64 or w.shape[1] % 64 or out.shape != w.shape:
+        raise ValueError(f"dequantize_to: needs blocksize 64, K a multiple of 64 and out of shape {list(w.shape)}")
+    n_blocks = w.absmax.numel()
+    blocks = 64
+    _nf4_dequant_kernel[(triton.cdiv(n_blocks, blocks),)](
+        *_weight_args(w), out, n_blocks,
+        NESTED=w.nested, NESTED_BLOCK=w.nested_blocksize, BLOCKS=blocks,
     )
     return out
 
@@ -464,7 +481,7 @@ def _run_plan(plan: Plan, x2: torch.Tensor, w: NF4Weight, bias: torch.Tensor | N
     else:
         raise ValueError(f"unknown plan kind {plan.kind!r}")
     ws, tickets = _workspace.get(x2.device, m * n if plan.split_k > 1 else 0, tiles if plan.split_k > 1 else 0)
-    kernel[grid](x2, *_weight_args(w), bias if bias is not None else y, y, ws, tickets, m, n, k,
+    kernel[grid](x2, *_weight_args(w), bias if bias is not None else y, y, ws, tickets, m, n, k, k // 2,
                  **common, **extra)
     return y
 

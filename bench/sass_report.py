@@ -1,0 +1,163 @@
+"""Static report on the NF4 kernels as compiled for Hopper (sm_90), no GPU needed.
+
+Compiles each kernel ahead of time with Triton for `cuda:90`, disassembles the cubin with
+the `cuobjdump` bundled with Triton, and prints per plan: registers, spills, shared memory,
+and the instruction mix of the innermost loop per iteration and per weight byte (global
+loads by width, shared-memory traffic and barriers, shuffles, FMAs, tensor-core MMAs).
+Narrow byte loads, layout conversions through shared memory in the loop, and spills show
+up here before any GPU time is spent.
+
+    python bench/sass_report.py                 # default plans for Llama-2-7B shapes
+    python bench/sass_report.py --dump DIR      # also keep SASS/TTGIR per plan
+    python bench/sass_report.py --check         # exit 1 on a compile error or register spill
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("sass_report: unset TRITON_INTERPRET; this compiles the kernels for sm_90")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from loraplex.kernels import nf4_matmul as mm  # noqa: E402
+
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+H100_SMS = 132
+POINTERS = {"out_ptr": "*bf16", "n_blocks": "i32", "x_ptr": "*bf16", "codes_ptr": "*u8", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32",
+            "code2_ptr": "*fp32", "levels_ptr": "*fp32", "offset": "fp32", "bias_ptr": "*bf16",
+            "y_ptr": "*bf16", "ws_ptr": "*fp32", "ticket_ptr": "*i32", "M": "i32", "N": "i32",
+            "K": "i32", "KH": "i32"}
+# Integer arguments Triton would see as multiples of 16 at run time (Llama shapes).
+DIVISIBLE_BY_16 = ("out_ptr", "x_ptr", "codes_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "levels_ptr",
+                   "bias_ptr", "y_ptr", "ws_ptr", "ticket_ptr", "N", "K", "KH")
+
+
+def compile_plan(plan: mm.Plan):
+    """Compile one plan's kernel for sm_90; plan.kind 'dequant' is the cublas path's kernel."""
+    kernel = {"gemv": mm._nf4_gemv_kernel, "gemm": mm._nf4_gemm_kernel, "dequant": mm._nf4_dequant_kernel}[plan.kind]
+    params = kernel.arg_names
+    signature = {name: POINTERS[name] for name in params if name in POINTERS}
+    constexprs = dict(NESTED=True, NESTED_BLOCK=256)
+    if plan.kind == "dequant":
+        constexprs.update(BLOCKS=64)
+    else:
+        constexprs.update(HAS_BIAS=False, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, SPLIT_K=plan.split_k)
+    if plan.kind == "gemm":
+        constexprs.update(BLOCK_M=plan.block_m, GROUP_M=8, DOT_FP32=False)
+    signature.update({name: "constexpr" for name in constexprs})
+    attrs = {(params.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16 if name in params}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
+
+
+def innermost_loop(sass: list[str]) -> list[str]:
+    """Instructions of the shortest backward-branch loop body (the K loop)."""
+    addr = {}
+    for i, line in enumerate(sass):
+        if m := re.match(r"\s*/\*([0-9a-f]{4,})\*/", line):
+            addr[int(m.group(1), 16)] = i
+    best: list[str] = []
+    for i, line in enumerate(sass):
+        m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", line)
+        if m and m.group(1):
+            target = int(m.group(1), 16)
+            here = re.match(r"\s*/\*([0-9a-f]+)\*/", line)
+            if here and target < int(here.group(1), 16) and target in addr:
+                body = sass[addr[target]: i + 1]
+                if not best or len(body) < len(best):
+                    best = body
+    return best
+
+
+def opcode_mix(lines: list[str]) -> Counter:
+    mix: Counter = Counter()
+    for line in lines:
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", line)
+        if not m:
+            continue
+        op = m.group(1)
+        base = op.split(".")[0]
+        if base == "LDG":
+            width = next((w for w in ("128", "64", "U16", "S16", "U8", "S8") if f".{w}" in op), "32")
+            mix[f"LDG.{width}"] += 1
+        elif base in ("LDS", "STS", "BAR", "SHFL", "FFMA", "FMUL", "FADD", "HMMA", "HGMMA", "ATOMG",
+                      "RED", "PRMT", "LOP3", "SHF", "I2F", "F2F", "F2FP"):
+            mix[base] += 1
+        mix["all"] += 1
+    return mix
+
+
+def report(plan: mm.Plan, dump: Path | None) -> dict:
+    compiled = compile_plan(plan)
+    cubin = Path("/tmp") / f"loraplex_{os.getpid()}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    usage = subprocess.run([TOOLS / "cuobjdump", "--dump-resource-usage", cubin],
+                           capture_output=True, text=True).stdout
+    sass = subprocess.run([TOOLS / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
+    cubin.unlink()
+    if dump:
+        dump.mkdir(parents=True, exist_ok=True)
+        stem = f"{plan.kind}_m{plan.block_m}_n{plan.block_n}_k{plan.block_k}_s{plan.split_k}_w{plan.num_warps}"
+        (dump / f"{stem}.sass").write_text(sass)
+        (dump / f"{stem}.ttgir").write_text(compiled.asm["ttgir"])
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    spill = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    loop = opcode_mix(innermost_loop(sass.splitlines()))
+    code_bytes = 64 * 32 if plan.kind == "dequant" else plan.block_n * plan.block_k // 2  # per iteration
+    threads = 32 * plan.num_warps
+    return dict(plan=plan, regs=regs, local=spill, shared=compiled.metadata.shared, loop=loop,
+                per_thread_bytes=code_bytes / threads)
+
+
+def default_plans() -> list[mm.Plan]:
+    mm._num_sms = lambda device: H100_SMS
+    shapes = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
+    plans = {mm.heuristic_plan(n, k, m, torch.device("cuda")) for n, k in shapes for m in (1, 16, 64, 256)}
+    plans = {p for p in plans if p.kind != "cublas"} | {mm.Plan("dequant", num_warps=4)}
+    return sorted(plans, key=lambda p: (p.kind, p.block_m, p.block_n, p.block_k, p.split_k))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dump", type=Path, help="write SASS and TTGIR per plan into this folder")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a kernel fails to compile or spills")
+    args = parser.parse_args()
+    failed = []
+    cols = ["LDG.128", "LDG.64", "LDG.32", "LDG.U16", "LDG.U8", "LDS", "STS", "BAR", "SHFL", "FFMA", "HMMA", "HGMMA"]
+    print(f"triton {triton.__version__}, target sm_90; loop counts are per iteration of the K loop, "
+          "and /B per weight byte a thread handles")
+    print(f"| plan | regs | spill B | smem B | B/thread/iter | {' | '.join(cols)} | all | all/B |")
+    print("|" + "---|" * (len(cols) + 7))
+    for plan in default_plans():
+        try:
+            r = report(plan, args.dump)
+        except Exception as e:  # a compile error: report it, keep going
+            failed.append(f"{plan}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        if r["local"]:
+            failed.append(f"{plan}: spills {r['local']} bytes to local memory")
+        name = f"{plan.kind} {plan.block_m}x{plan.block_n}x{plan.block_k} s{plan.split_k} w{plan.num_warps}"
+        loop = r["loop"]
+        per_b = loop["all"] / r["per_thread_bytes"] if r["per_thread_bytes"] else 0
+        print(f"| {name} | {r['regs']} | {r['local']} | {r['shared']} | {r['per_thread_bytes']:.0f} | "
+              + " | ".join(str(loop[c]) for c in cols) + f" | {loop['all']} | {per_b:.1f} |")
+    for line in failed:
+        print("FAILED", line)
+    if args.check and failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
