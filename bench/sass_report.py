@@ -150,7 +150,10 @@ def main() -> None:
             failed.append(f"{plan}: spills {r['local']} bytes to local memory")
         name = f"{plan.kind} {plan.block_m}x{plan.block_n}x{plan.block_k} s{plan.split_k} w{plan.num_warps}"
         loop = r["loop"]
-        per_b = loop["all"] / r["per_thread_bytes"] if r["per_thread_bytes"] else 0
+        if not loop["all"]:  # straight-line kernel (dequant): nothing per iteration to count
+            print(f"| {name} | {r['regs']} | {r['local']} | {r['shared']} | no K loop |" + " |" * (len(cols) + 2))
+            continue
+        per_b = loop["all"] / r["per_thread_bytes"]
         print(f"| {name} | {r['regs']} | {r['local']} | {r['shared']} | {r['per_thread_bytes']:.0f} | "
               + " | ".join(str(loop[c]) for c in cols) + f" | {loop['all']} | {per_b:.1f} |")
     for line in failed:

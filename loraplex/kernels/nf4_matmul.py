@@ -4,8 +4,9 @@ Three ways to run one product, picked per (device, N, K, M bucket, dtype) by `pl
 (measured by `tune` at warm-up, else a heuristic):
 
 - `gemv`  (decode, M = 1): CUDA cores. Each program streams BLOCK_N weight rows over its
-  share of K exactly once, decodes nibbles through the 16-entry code book (64 bytes, one
-  cache line), sums each 64-value block unscaled and multiplies once by the block's absmax,
+  share of K exactly once in 16-byte loads, decodes nibbles with one gather per tile from
+  the 16-entry code book held in registers (a shared-memory lookup, no global load per
+  value), sums each 64-value block unscaled and multiplies once by the block's absmax,
   decoded inline from the double quantization.
 - `gemm`  (M >= 2): tensor cores. Each program dequantizes a [BLOCK_N, BLOCK_K] weight tile
   once and reuses it for BLOCK_M rows (`tl.dot`, fp32 accumulation).
@@ -298,33 +299,33 @@ def heuristic_plan(n: int, k: int, m: int, device: torch.device) -> Plan:
 
 
 def candidate_plans(n: int, k: int, m: int, device: torch.device) -> list[Plan]:
-    """Plans `tune` measures for one shape and M bucket."""
+    """Plans `tune` measures for one shape and M bucket (tens, not hundreds: each one is
+    timed at warm-up; compiled kernels are shared between shapes, N and K being arguments)."""
     sms = _num_sms(device)
     plans: list[Plan] = []
     if m == 1:
-        for bn in (4, 8, 16, 32, 64):
-            for bk in (256, 512, 1024, 2048):
-                if k % bk or bn * bk // 2 > 32768:
+        for bn in (8, 16, 32, 64):
+            for bk in (256, 512, 1024):
+                if k % bk:
                     continue
-                for warps in (1, 2, 4, 8):
-                    per_thread = bn * bk // 2 // (32 * warps)
-                    if not 16 <= per_thread <= 256:
+                tiles = -(-n // bn)
+                for warps in (2, 4, 8):
+                    if not 16 <= bn * bk // 2 // (32 * warps) <= 64:  # code bytes per thread and step
                         continue
                     for split in (1, 2, 4, 8, 16):
-                        if split <= k // bk and -(-n // bn) * split <= 64 * sms:
+                        programs = tiles * split
+                        if split <= k // bk and (sms <= programs <= 16 * sms or (split == 1 and programs > sms)):
                             plans.append(Plan("gemv", block_n=bn, block_k=bk, split_k=split, num_warps=warps))
         return plans
-    block_ms = [bm for bm in (16, 32, 64, 128) if bm <= max(16, m_bucket(m))]
-    for bm in block_ms:
-        for bn in (32, 64, 128, 256):
-            for bk in (64, 128, 256):
-                if k % bk or bm * bn > 128 * 256 or bn * bk > 256 * 128:
+    bucket = m_bucket(m)
+    for bm in sorted({min(128, max(16, bucket)), min(128, max(16, bucket // 2))}):
+        for bn in (64, 128, 256):
+            for bk in (64, 128):
+                if k % bk or bm * bn > 128 * 128:
                     continue
-                tiles = -(-m // bm) * -(-n // bn)
-                for split in (1, 2, 4, 8, 16):
-                    if split > k // bk or (split > 1 and tiles >= 2 * sms):
-                        continue
-                    for warps, stages in ((4, 2), (4, 3), (8, 3), (4, 4)):
+                split = _split_for(-(-m // bm) * -(-n // bn), k // bk, sms)
+                for split in sorted({split, max(1, split // 2)}):  # about two waves, or one
+                    for warps, stages in ((4, 3), (8, 4)):
                         plans.append(Plan("gemm", bm, bn, bk, split, warps, stages))
     if m >= 64:
         plans.append(Plan("cublas"))
