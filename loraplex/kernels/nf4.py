@@ -133,6 +133,12 @@ class NF4Weight:
     offset: float = 0.0
     nested_blocksize: int = NESTED_BLOCKSIZE
 
+    def __post_init__(self) -> None:
+        # Kernels read the codes as 16-byte vectors of uint32 words: keep them aligned even
+        # when they arrive as a view into a larger buffer (a slice of a checkpoint).
+        if not self.codes.is_contiguous() or self.codes.data_ptr() % 16:
+            self.codes = self.codes.contiguous().clone()
+
     @property
     def nested(self) -> bool:
         return self.absmax2 is not None

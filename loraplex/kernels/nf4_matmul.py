@@ -380,16 +380,20 @@ class _PlanCache:
 
 
 _plans = _PlanCache()
+_chosen: dict[tuple, Plan] = {}  # per-call lookup without building cache keys (hot path)
 
 
 def plan_for(w: NF4Weight, m: int, dtype: torch.dtype) -> Plan:
     """The measured plan for this shape and M bucket, else the heuristic one."""
     n, k = w.shape
-    if w.device.type == "cuda":
-        found = _plans.get(_PlanCache.key(w.device, dtype, n, k, m_bucket(m)))
-        if found is not None:
-            return found
-    return heuristic_plan(n, k, m, w.device)
+    bucket = m_bucket(m)
+    memo_key = (w.device, dtype, n, k, bucket)
+    plan = _chosen.get(memo_key)
+    if plan is None:
+        if w.device.type == "cuda":
+            plan = _plans.get(_PlanCache.key(w.device, dtype, n, k, bucket))
+        plan = _chosen[memo_key] = plan or heuristic_plan(n, k, bucket, w.device)
+    return plan
 
 
 # ----------------------------------------------------------------------------------------
@@ -555,4 +559,5 @@ def tune(shapes: list[tuple[int, int]], ms: list[int], dtype: torch.dtype = torc
         if best is not None:
             _plans.put(key, best)
             chosen[key] = best
+    _chosen.clear()  # later calls pick up the measured plans
     return chosen

@@ -186,3 +186,14 @@ def test_transformers_fp4_checkpoint_gets_a_clear_error(tmp_path):
     entries = {k: v for k, v in state.items() if k == prefix or k.startswith(prefix + ".")}
     with pytest.raises(NF4FormatError, match="quant type 'fp4' is not supported"):
         NF4Weight.from_bnb(entries, prefix=prefix)
+
+
+def test_codes_are_kept_aligned_for_word_loads():
+    q = quantize_nf4(torch.randn(64, 128))
+    buffer = torch.zeros(q.codes.numel() + 1, dtype=torch.uint8)
+    buffer[1:] = q.codes
+    state = q.to_bnb()
+    state["weight"] = buffer[1:].view(-1, 1)  # a view one byte into a larger buffer
+    loaded = NF4Weight.from_bnb(state)
+    assert loaded.codes.data_ptr() % 16 == 0
+    assert torch.equal(loaded.codes, q.codes)

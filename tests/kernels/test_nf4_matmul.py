@@ -195,3 +195,10 @@ def test_tune_picks_a_plan(tmp_path, monkeypatch):
     assert len(chosen) == 2
     w = quantize_nf4(torch.randn(1024, 1024, device="cuda"))
     assert mm.plan_for(w, 1, torch.bfloat16) in chosen.values()
+
+
+def test_plan_lookup_is_memoized_per_bucket(device):
+    w = quantize_nf4(torch.randn(64, 128, device=device))
+    first = mm.plan_for(w, 5, torch.bfloat16)
+    assert mm.plan_for(w, 7, torch.bfloat16) is first  # same bucket (8): same object, no rebuild
+    assert mm.plan_for(w, 1, torch.bfloat16).kind == "gemv"
