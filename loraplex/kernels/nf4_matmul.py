@@ -125,6 +125,24 @@ if triton is not None:
         return tl.reshape(flat, idx.shape)
 
     @triton.jit
+    def _weight_chunk(codes_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, offs_n, n_mask, k0, K, KH,
+                      NB: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr):
+        # Rows `offs_n` of the K chunk starting at k0: code words [BLOCK_N, NB, 8] (a 64-value
+        # block is 8 uint32 words, read as 16-byte vectors), their fp32 block absmax
+        # [BLOCK_N, NB], and which of the NB blocks lie inside K.
+        b = tl.arange(0, NB)
+        blocks = k0 // 64 + b
+        b_mask = blocks < K // 64
+        row = codes_ptr.to(tl.pointer_type(tl.uint32)) + offs_n.to(tl.int64)[:, None, None] * (KH // 4)
+        words = tl.load(row + k0 // 8 + 8 * b[None, :, None] + tl.arange(0, 8)[None, None, :],
+                        mask=n_mask[:, None, None] & b_mask[None, :, None], other=0,
+                        eviction_policy="evict_first")
+        scale = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset,
+                              offs_n[:, None] * (K // 64) + blocks[None, :],
+                              n_mask[:, None] & b_mask[None, :], NESTED, NESTED_BLOCK)
+        return words, scale, b_mask
+
+    @triton.jit
     def _nf4_gemv_kernel(
         x_ptr, codes_ptr, absmax_ptr, absmax2_ptr, code2_ptr, levels_ptr, offset,
         bias_ptr, y_ptr, ws_ptr, ticket_ptr, M, N, K, KH,
@@ -141,26 +159,17 @@ if triton is not None:
         NB: tl.constexpr = BLOCK_K // 64
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        b = tl.arange(0, NB)
-        words_ptr = codes_ptr.to(tl.pointer_type(tl.uint32)) + offs_n.to(tl.int64)[:, None, None] * (KH // 4)
-        word_offs = 8 * b[None, :, None] + tl.arange(0, 8)[None, None, :]
-        x_offs = 64 * b[:, None] + tl.arange(0, 64)[None, :]
+        x_offs = 64 * tl.arange(0, NB)[:, None] + tl.arange(0, 64)[None, :]
         levels = tl.load(levels_ptr + tl.arange(0, 16))
         k_lo, k_hi = _k_range(pid_k, K, BLOCK_K, SPLIT_K)
         acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             k0 = tl.multiple_of(k0, BLOCK_K)
-            blocks = k0 // 64 + b
-            b_mask = blocks < K // 64
-            words = tl.load(words_ptr + k0 // 8 + word_offs,
-                            mask=n_mask[:, None, None] & b_mask[None, :, None], other=0,
-                            eviction_policy="evict_first")
+            words, scale, b_mask = _weight_chunk(codes_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset,
+                                                 offs_n, n_mask, k0, K, KH, NB, NESTED, NESTED_BLOCK)
             x = tl.load(x_ptr + pid_m * K + k0 + x_offs, mask=b_mask[:, None], other=0.0,
                         eviction_policy="evict_last").to(tl.float32)
             block_sums = tl.sum(_decode_words(words, levels) * x[None], axis=2)  # unscaled
-            blk = offs_n[:, None] * (K // 64) + blocks[None, :]
-            scale = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk,
-                                  n_mask[:, None] & b_mask[None, :], NESTED, NESTED_BLOCK)
             acc += block_sums * scale
         out = tl.sum(acc, axis=1)
         _write_tile(out[None, :], pid_m + tl.arange(0, 1), offs_n, M, N, y_ptr, bias_ptr,
@@ -192,9 +201,6 @@ if triton is not None:
         m_mask = offs_m < M
         n_mask = offs_n < N
         kk = tl.arange(0, BLOCK_K)
-        b = tl.arange(0, NB)
-        words_ptr = codes_ptr.to(tl.pointer_type(tl.uint32)) + offs_n.to(tl.int64)[:, None, None] * (KH // 4)
-        word_offs = 8 * b[None, :, None] + tl.arange(0, 8)[None, None, :]
         levels = tl.load(levels_ptr + tl.arange(0, 16))
         k_lo, k_hi = _k_range(pid_k, K, BLOCK_K, SPLIT_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -202,14 +208,8 @@ if triton is not None:
             k0 = tl.multiple_of(k0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * K + (k0 + kk)[None, :],
                         mask=m_mask[:, None] & ((k0 + kk) < K)[None, :], other=0.0)
-            blocks = k0 // 64 + b
-            b_mask = blocks < K // 64
-            words = tl.load(words_ptr + k0 // 8 + word_offs,
-                            mask=n_mask[:, None, None] & b_mask[None, :, None], other=0,
-                            eviction_policy="evict_first")
-            blk = offs_n[:, None] * (K // 64) + blocks[None, :]
-            scale = _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk,
-                                  n_mask[:, None] & b_mask[None, :], NESTED, NESTED_BLOCK)
+            words, scale, _ = _weight_chunk(codes_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset,
+                                            offs_n, n_mask, k0, K, KH, NB, NESTED, NESTED_BLOCK)
             w = tl.reshape(_decode_words(words, levels) * scale[:, :, None], [BLOCK_N, BLOCK_K])
             if DOT_FP32:  # interpreter: its bf16 arithmetic is wrong, compute in fp32
                 acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
