@@ -161,10 +161,19 @@ def test_llama_shapes_on_gpu(n, k, m):
 
 @pytest.mark.gpu
 def test_every_candidate_plan_on_gpu():
+    from triton.runtime.errors import OutOfResources
+
+    ran = 0
     for m in (1, 16, 64):
         x, w, _ = _case(4096, 4096, m, torch.float16, "cuda", bias=False)
-        for plan in mm.candidate_plans(4096, 4096, m, x.device)[::7]:
-            _assert_matches(nf4_matmul(x, w, plan=plan), x, w)
+        for plan in mm.candidate_plans(4096, 4096, m, x.device)[::5]:
+            try:
+                y = nf4_matmul(x, w, plan=plan)
+            except OutOfResources:  # a tile that does not fit this GPU: `tune` skips it too
+                continue
+            _assert_matches(y, x, w, atol=1e-2 if plan.kind == "cublas" else 2e-3)
+            ran += 1
+    assert ran >= 10
 
 
 @pytest.mark.gpu
