@@ -13,12 +13,9 @@ Three ways to run one product, picked per (device, N, K, M bucket, dtype) by `pl
 - `cublas` (large M): dequantize into a scratch bf16/fp16 buffer, then `F.linear`. The
   scratch is reused between calls; no dequantized weight stays resident per layer.
 
-Split-K (several programs per output tile, so that a single row keeps every SM busy) adds
-fp32 partials atomically into a workspace; the last program of each tile, counted with an
-atomic ticket, writes the output and zeroes its workspace and ticket again. The workspace is
-therefore always clean between calls: no memset kernel, no second reduction kernel, and the
-launch never depends on data, so decode steps can be captured in CUDA graphs. The workspace
-is per device and assumes one stream issues these products at a time (the engine thread).
+Split-K (several programs per output tile, so that a single row keeps every SM busy) uses
+the self-cleaning workspace of `splitk.py`: no memset, no second kernel, a launch grid that
+never depends on data (decode steps can be captured in CUDA graphs).
 
 On CPU the product runs `nf4_matmul_ref` (dequantize + `F.linear`), unless
 `TRITON_INTERPRET=1`, in which case the Triton kernels run in Triton's interpreter (tests).
@@ -36,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .nf4 import NF4Weight, dequantize_nf4, nf4_levels
+from .splitk import workspace
 
 try:
     import triton
@@ -62,6 +60,7 @@ def nf4_matmul_ref(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = No
 # ----------------------------------------------------------------------------------------
 
 if triton is not None:
+    from .splitk import k_range, write_tile
 
     @triton.jit
     def _block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, blk, mask,
@@ -73,36 +72,6 @@ if triton is not None:
             return tl.load(code2_ptr + a) * s2 + offset
         else:
             return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-
-    @triton.jit
-    def _k_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-        # Contiguous run of BLOCK_K chunks of K owned by split `pid_k` (may be empty).
-        per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-        k_lo = pid_k * per_split
-        return k_lo, tl.minimum(k_lo + per_split, K)
-
-    @triton.jit
-    def _write_tile(acc, offs_m, offs_n, M, N, y_ptr, bias_ptr, ws_ptr, ticket_ptr, tile_id,
-                    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-        # acc: fp32 [BLOCK_M, BLOCK_N] partial (or full, SPLIT_K == 1) result of this tile.
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        idx = offs_m[:, None] * N + offs_n[None, :]
-        if SPLIT_K > 1:
-            tl.atomic_add(ws_ptr + idx, acc, mask=mask, sem="relaxed")
-            tl.debug_barrier()  # all partial adds of this program precede its ticket (release)
-            ticket = tl.atomic_add(ticket_ptr + tile_id, 1, sem="acq_rel")
-            if ticket == SPLIT_K - 1:  # last one in: reduce, then leave the workspace clean
-                acc = tl.atomic_add(ws_ptr + idx, tl.zeros_like(acc), mask=mask, sem="relaxed")
-                acc = tl.where(mask, acc, 0.0)  # masked lanes of an atomic return garbage
-                tl.store(ws_ptr + idx, tl.zeros_like(acc), mask=mask)
-                tl.store(ticket_ptr + tile_id, 0)
-                if HAS_BIAS:
-                    acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-                tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _nibble(words, e: tl.constexpr):
@@ -161,7 +130,7 @@ if triton is not None:
         n_mask = offs_n < N
         x_offs = 64 * tl.arange(0, NB)[:, None] + tl.arange(0, 64)[None, :]
         levels = tl.load(levels_ptr + tl.arange(0, 16))
-        k_lo, k_hi = _k_range(pid_k, K, BLOCK_K, SPLIT_K)
+        k_lo, k_hi = k_range(pid_k, K, BLOCK_K, SPLIT_K)
         acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             k0 = tl.multiple_of(k0, BLOCK_K)
@@ -172,7 +141,7 @@ if triton is not None:
             block_sums = tl.sum(_decode_words(words, levels) * x[None], axis=2)  # unscaled
             acc += block_sums * scale
         out = tl.sum(acc, axis=1)
-        _write_tile(out[None, :], pid_m + tl.arange(0, 1), offs_n, M, N, y_ptr, bias_ptr,
+        write_tile(out[None, :], pid_m + tl.arange(0, 1), offs_n, M, N, y_ptr, bias_ptr,
                     ws_ptr, ticket_ptr, pid_m * tl.cdiv(N, BLOCK_N) + pid_n, HAS_BIAS, SPLIT_K)
 
     @triton.jit
@@ -202,7 +171,7 @@ if triton is not None:
         n_mask = offs_n < N
         kk = tl.arange(0, BLOCK_K)
         levels = tl.load(levels_ptr + tl.arange(0, 16))
-        k_lo, k_hi = _k_range(pid_k, K, BLOCK_K, SPLIT_K)
+        k_lo, k_hi = k_range(pid_k, K, BLOCK_K, SPLIT_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             k0 = tl.multiple_of(k0, BLOCK_K)
@@ -215,7 +184,7 @@ if triton is not None:
                 acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-        _write_tile(acc, offs_m, offs_n, M, N, y_ptr, bias_ptr, ws_ptr, ticket_ptr,
+        write_tile(acc, offs_m, offs_n, M, N, y_ptr, bias_ptr, ws_ptr, ticket_ptr,
                     pid_m * n_tiles + pid_n, HAS_BIAS, SPLIT_K)
 
     @triton.jit
@@ -401,24 +370,6 @@ def plan_for(w: NF4Weight, m: int, dtype: torch.dtype) -> Plan:
 # ----------------------------------------------------------------------------------------
 
 
-class _Workspace:
-    """Per-device fp32 split-K accumulators and tickets; zero between calls by construction."""
-
-    def __init__(self) -> None:
-        self._by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, device: torch.device, values: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ws, tickets = self._by_device.get(device, (None, None))
-        if ws is None or ws.numel() < values or tickets.numel() < tiles:
-            # Grow (rarely: warm-up sizes it). Zeroed once; kernels leave it zeroed.
-            ws = torch.zeros(max(values, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
-            tickets = torch.zeros(max(tiles, 0 if tickets is None else tickets.numel()),
-                                  dtype=torch.int32, device=device)
-            self._by_device[device] = (ws, tickets)
-        return ws, tickets
-
-
-_workspace = _Workspace()
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
@@ -485,7 +436,7 @@ def _run_plan(plan: Plan, x2: torch.Tensor, w: NF4Weight, bias: torch.Tensor | N
         kernel, extra = _nf4_gemm_kernel, dict(BLOCK_M=plan.block_m, GROUP_M=8, DOT_FP32=INTERPRET)
     else:
         raise ValueError(f"unknown plan kind {plan.kind!r}")
-    ws, tickets = _workspace.get(x2.device, m * n if plan.split_k > 1 else 0, tiles if plan.split_k > 1 else 0)
+    ws, tickets = workspace.get(x2.device, m * n if plan.split_k > 1 else 0, tiles if plan.split_k > 1 else 0)
     kernel[grid](x2, *_weight_args(w), bias if bias is not None else y, y, ws, tickets, m, n, k, k // 2,
                  **common, **extra)
     return y

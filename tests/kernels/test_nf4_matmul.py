@@ -10,6 +10,7 @@ import torch
 from loraplex.kernels import nf4_matmul as mm
 from loraplex.kernels.nf4 import dequantize_nf4, quantize_nf4
 from loraplex.kernels.nf4_matmul import Plan, nf4_matmul, nf4_matmul_ref
+from loraplex.kernels.splitk import workspace
 
 # One output ulp of slack: the interpreter truncates fp32 -> bf16 instead of rounding.
 RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
@@ -70,7 +71,7 @@ def test_split_k_leaves_the_workspace_clean(device):
         first = nf4_matmul(x, w, plan=plan)
         again = nf4_matmul(x, w, plan=plan)  # a dirty workspace would add the first result
         assert torch.equal(first, again)
-        ws, tickets = mm._workspace.get(x.device, 0, 0)
+        ws, tickets = workspace.get(x.device, 0, 0)
         assert not ws.any() and not tickets.any()
 
 
