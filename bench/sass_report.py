@@ -30,6 +30,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from loraplex.kernels import lora  # noqa: E402
 from loraplex.kernels import nf4_matmul as mm  # noqa: E402
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -41,6 +42,31 @@ POINTERS = {"out_ptr": "*bf16", "n_blocks": "i32", "x_ptr": "*bf16", "codes_ptr"
 # Integer arguments Triton would see as multiples of 16 at run time (Llama shapes).
 DIVISIBLE_BY_16 = ("out_ptr", "x_ptr", "codes_ptr", "absmax_ptr", "absmax2_ptr", "code2_ptr", "levels_ptr",
                    "bias_ptr", "y_ptr", "ws_ptr", "ticket_ptr", "N", "K", "KH")
+
+
+LORA_SIGNATURE = {  # both LoRA kernels; names not in a kernel's parameters are ignored
+    "x_ptr": "*bf16", "a_ptr": "*bf16", "h_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16",
+    "scaling_ptr": "*fp32", "rank_ptr": "*i32", "slice_starts_ptr": "*i32", "order_ptr": "*i32",
+    "tile_slot_ptr": "*i32", "tile_row_ptr": "*i32", "seg_start_ptr": "*i32", "seg_len_ptr": "*i32",
+    "ws_ptr": "*fp32", "ticket_ptr": "*i32", "T": "i32", "K": "i32", "N": "i32", "LR": "i32", "R": "i32",
+    "L": "i32", "stride_y": "i32",
+}
+
+
+def compile_lora(kind: str, split_k: int = 1):
+    """Compile a LoRA kernel for sm_90 with the tiles `lora.py` uses for Llama shapes."""
+    kernel = {"lora_shrink": lora._lora_shrink_kernel, "lora_expand": lora._lora_expand_kernel}[kind]
+    params = kernel.arg_names
+    signature = {name: LORA_SIGNATURE[name] for name in params if name in LORA_SIGNATURE}
+    constexprs = dict(BLOCK_M=16, BLOCK_R=16, DOT_FP32=False)
+    constexprs.update(dict(BLOCK_K=256, SPLIT_K=split_k) if kind == "lora_shrink" else dict(BLOCK_N=128))
+    signature.update({name: "constexpr" for name in constexprs})
+    # pointers, and the sizes that are multiples of 16 for Llama shapes (Triton specializes
+    # on that at launch)
+    aligned = [n for n in signature if signature[n].startswith("*") or n in ("K", "N", "LR", "R", "stride_y")]
+    attrs = {(params.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
 def compile_plan(plan: mm.Plan):
@@ -100,7 +126,7 @@ def opcode_mix(lines: list[str]) -> Counter:
 
 
 def report(plan: mm.Plan, dump: Path | None) -> dict:
-    compiled = compile_plan(plan)
+    compiled = compile_lora(plan.kind, plan.split_k) if plan.kind.startswith("lora") else compile_plan(plan)
     cubin = Path("/tmp") / f"loraplex_{os.getpid()}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     usage = subprocess.run([TOOLS / "cuobjdump", "--dump-resource-usage", cubin],
@@ -115,7 +141,9 @@ def report(plan: mm.Plan, dump: Path | None) -> dict:
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     spill = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     loop = opcode_mix(innermost_loop(sass.splitlines()))
-    code_bytes = 64 * 32 if plan.kind == "dequant" else plan.block_n * plan.block_k // 2  # per iteration
+    # weight bytes one program reads per loop iteration
+    code_bytes = {"dequant": 64 * 32, "lora_shrink": 16 * 256 * 2, "lora_expand": 128 * 16 * 2}.get(
+        plan.kind, plan.block_n * plan.block_k // 2)
     threads = 32 * plan.num_warps
     return dict(plan=plan, regs=regs, local=spill, shared=compiled.metadata.shared, loop=loop,
                 per_thread_bytes=code_bytes / threads)
@@ -126,6 +154,7 @@ def default_plans() -> list[mm.Plan]:
     shapes = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
     plans = {mm.heuristic_plan(n, k, m, torch.device("cuda")) for n, k in shapes for m in (1, 16, 64, 256)}
     plans = {p for p in plans if p.kind != "cublas"} | {mm.Plan("dequant", num_warps=4)}
+    plans |= {mm.Plan("lora_shrink", split_k=1), mm.Plan("lora_shrink", split_k=4), mm.Plan("lora_expand")}
     return sorted(plans, key=lambda p: (p.kind, p.block_m, p.block_n, p.block_k, p.split_k))
 
 
@@ -148,7 +177,8 @@ def main() -> None:
             continue
         if r["local"]:
             failed.append(f"{plan}: spills {r['local']} bytes to local memory")
-        name = f"{plan.kind} {plan.block_m}x{plan.block_n}x{plan.block_k} s{plan.split_k} w{plan.num_warps}"
+        name = (f"{plan.kind} 16x16 s{plan.split_k}" if plan.kind.startswith("lora") else
+                f"{plan.kind} {plan.block_m}x{plan.block_n}x{plan.block_k} s{plan.split_k} w{plan.num_warps}")
         loop = r["loop"]
         if not loop["all"]:  # straight-line kernel (dequant): nothing per iteration to count
             print(f"| {name} | {r['regs']} | {r['local']} | {r['shared']} | no K loop |" + " |" * (len(cols) + 2))
