@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Sequence
 
 import torch
@@ -77,7 +78,7 @@ class LoRAStack:
             raise ValueError(f"need at least one slot and positive slice widths, got {slots} and {list(slices)}")
         r = padded_rank(max_rank)
         n_slices = len(slices)
-        starts = torch.tensor([0, *torch.tensor(slices).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        starts = torch.tensor([0, *accumulate(slices)], dtype=torch.int32, device=device)
         return cls(
             a=torch.zeros(slots, n_slices * r, in_features, dtype=dtype, device=device),
             b=torch.zeros(slots, sum(slices), r, dtype=dtype, device=device),
@@ -198,6 +199,11 @@ class BatchMeta:
     @property
     def max_tiles(self) -> int:
         return self.tile_slot.numel()
+
+    @property
+    def active(self) -> torch.Tensor:
+        """[S] bool: slots with at least one token this step."""
+        return self.seg_len > 0
 
 
 # ----------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ def test_batch_meta_tiles_cover_every_adapted_token_once(device, t, slots, block
     assert sorted(covered) == sorted(i for i in range(t) if ids[i] >= 0)
     assert meta.max_tiles == -(-t // block_t) + min(slots, t)
     assert [int(n) for n in meta.seg_len] == [ids.count(s) for s in range(slots)]
+    assert meta.active.tolist() == [s in ids for s in range(slots)]
 
 
 def test_batch_meta_rejects_a_matrix():
