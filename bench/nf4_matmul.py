@@ -399,7 +399,11 @@ def table(rows: list[dict], copy_bw: float) -> list[str]:
         body.append([r["model"], r["layer"], f"{r['n']}x{r['k']}", str(r["m"]), f"{r['us_cublas']:.1f}",
                      fmt(r["us_bnb"], ".1f"), f"{r['us_ours']:.1f}", f"{vs_cublas:.2f}", fmt(vs_bnb, ".2f"),
                      f"{100 * bw_share(r, copy_bw):.0f}", r["plan"]])
-    numeric = {3, 4, 5, 6, 7, 8, 9}
+    return markdown(head, body, numeric={3, 4, 5, 6, 7, 8, 9})
+
+
+def markdown(head: list[str], body: list[list[str]], numeric: set[int]) -> list[str]:
+    """An aligned markdown table; columns in `numeric` are right-aligned."""
     widths = [max(len(c[i]) for c in [head] + body) for i in range(len(head))]
 
     def line(cells):
@@ -514,16 +518,22 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
+def bench_device(smoke: bool, name: str) -> torch.device | None:
+    """CUDA for a full run (None, with a message, when there is none); anything for --smoke."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if smoke:
+        return torch.device("cpu")
+    print(f"{name} benchmark: a CUDA GPU is needed for the full run and none is available; "
+          "use --smoke to check the harness on CPU", file=sys.stderr)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.smoke:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif not torch.cuda.is_available():
-        print("nf4_matmul benchmark: a CUDA GPU is needed for the full run and none is available; "
-              "use --smoke to check the harness on CPU", file=sys.stderr)
+    device = bench_device(args.smoke, "nf4_matmul")
+    if device is None:
         return 2
-    else:
-        device = torch.device("cuda")
     torch.manual_seed(0)
 
     bnb, bnb_missing = load_bnb()
