@@ -374,6 +374,12 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+def _rank_tile(stack: LoRAStack) -> int:
+    # One rank tile for both kernels: the shrink writes whole tiles (zeros past the real rank)
+    # and the expand reads whole tiles of the same size without a rank mask.
+    return min(stack.max_rank, 64)
+
+
 def _check(x_or_h: torch.Tensor, stack: LoRAStack, meta: BatchMeta, width: int, what: str) -> None:
     if x_or_h.dim() != 2 or x_or_h.shape != (meta.num_tokens, width):
         raise ValueError(f"{what}: expected [{meta.num_tokens}, {width}], got {list(x_or_h.shape)}")
@@ -398,7 +404,7 @@ def lora_shrink(x: torch.Tensor, stack: LoRAStack, meta: BatchMeta,
     if t == 0:
         return h
     x = x.contiguous()
-    block_r = min(r, 64)
+    block_r = _rank_tile(stack)
     block_k = min(config.shrink_block_k, triton.next_power_of_2(k))
     r_tiles = lr // block_r
     split = config.shrink_split_k
@@ -435,7 +441,7 @@ def lora_expand(h: torch.Tensor, stack: LoRAStack, meta: BatchMeta, y: torch.Ten
         h, stack.b, y, stack.scaling, stack.rank, stack.slice_starts, meta.order, meta.tile_slot,
         meta.tile_row, meta.seg_start, meta.seg_len, stack.out_features, stack.a.shape[1],
         stack.max_rank, stack.num_slices, y.stride(0),
-        BLOCK_M=meta.block_t, BLOCK_N=block_n, BLOCK_R=min(stack.max_rank, 64), DOT_FP32=INTERPRET,
+        BLOCK_M=meta.block_t, BLOCK_N=block_n, BLOCK_R=_rank_tile(stack), DOT_FP32=INTERPRET,
         num_warps=config.num_warps,
     )
     return y
