@@ -69,7 +69,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
-import loraplex.kernels.lora as lora_mod  # noqa: E402
+from loraplex.kernels import runtime  # noqa: E402
 from loraplex.kernels.lora import BatchMeta, LoRAStack, apply_lora, lora_delta_ref  # noqa: E402
 from loraplex.kernels.nf4 import quantize_nf4  # noqa: E402
 from loraplex.kernels.nf4_matmul import nf4_matmul, tune  # noqa: E402
@@ -101,20 +101,20 @@ SIDE_RANK = 16
 
 
 def ours_backend(device: torch.device) -> str:
-    if lora_mod._use_triton(device):
+    if runtime.use_triton(device):
         return "Triton" + (" (interpreted)" if device.type == "cpu" else "")
     return "torch reference (no Triton on this device)"
 
 
 def environment(device: torch.device) -> dict[str, str]:
-    triton = lora_mod.triton
+    triton = runtime.triton
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"CPU ({platform.processor() or platform.machine()}, no CUDA)",
         "torch": torch.__version__,
         "triton": triton.__version__ if triton is not None else "not installed",
-        "triton_interpret": str(lora_mod.INTERPRET),
+        "triton_interpret": str(runtime.INTERPRET),
         "ours": ours_backend(device),
     }
 

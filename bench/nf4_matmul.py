@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
-import loraplex.kernels.nf4_matmul as nf4mm  # noqa: E402
+from loraplex.kernels import runtime  # noqa: E402
 from loraplex.kernels.nf4 import NF4Weight, quantize_nf4  # noqa: E402
 from loraplex.kernels.nf4_matmul import Plan, nf4_matmul, nf4_matmul_ref, plan_for, tune  # noqa: E402
 
@@ -93,7 +93,7 @@ def load_bnb():
 
 
 def environment(device: torch.device, bnb) -> dict[str, str]:
-    triton = nf4mm.triton
+    triton = runtime.triton
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -101,7 +101,7 @@ def environment(device: torch.device, bnb) -> dict[str, str]:
         "torch": torch.__version__,
         "triton": triton.__version__ if triton is not None else "not installed",
         "bitsandbytes": bnb.__version__ if bnb is not None else "not installed",
-        "triton_interpret": str(nf4mm.INTERPRET),
+        "triton_interpret": str(runtime.INTERPRET),
     }
 
 
@@ -246,7 +246,7 @@ def check(name: str, y: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 
 def plan_label(w: NF4Weight, m: int) -> str:
     """The plan `nf4_matmul` will run for this weight and M, in a few characters."""
-    if w.device.type != "cuda" and not (nf4mm.triton is not None and nf4mm.INTERPRET):
+    if not runtime.use_triton(w.device):
         return "ref (torch, no Triton on CPU)"
     return format_plan(plan_for(w, m, DTYPE)) + ("" if w.device.type == "cuda" else " (interp)")
 
@@ -298,7 +298,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, timer) -> float:
     """Bytes per second of a large clone (each byte read once and written once)."""
     src = torch.randn(nbytes // 4, device=device, dtype=torch.float32)
     us = timer([lambda: src.clone()])
-    del src
     return 2 * nbytes / (us * 1e-6)
 
 

@@ -32,6 +32,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from loraplex.kernels import lora  # noqa: E402
 from loraplex.kernels import nf4_matmul as mm  # noqa: E402
+from loraplex.kernels import runtime  # noqa: E402
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 H100_SMS = 132
@@ -150,7 +151,7 @@ def report(plan: mm.Plan, dump: Path | None) -> dict:
 
 
 def default_plans() -> list[mm.Plan]:
-    mm._num_sms = lambda device: H100_SMS
+    runtime.num_sms = lambda device: H100_SMS
     shapes = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
     plans = {mm.heuristic_plan(n, k, m, torch.device("cuda")) for n, k in shapes for m in (1, 16, 64, 256)}
     plans = {p for p in plans if p.kind != "cublas"} | {mm.Plan("dequant", num_warps=4)}

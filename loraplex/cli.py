@@ -23,9 +23,9 @@ def _pick_device(name: str):
 
 
 def _kernel_path(device) -> str:
-    from .kernels import nf4_matmul as mm
+    from .kernels.runtime import use_triton
 
-    if not mm._use_triton(device):
+    if not use_triton(device):
         return "PyTorch reference (CPU)"
     return "Triton interpreter (CPU)" if device.type == "cpu" else f"Triton on {device}"
 

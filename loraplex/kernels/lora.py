@@ -23,14 +23,15 @@ On CPU the `*_ref` functions run unless `TRITON_INTERPRET=1` (tests), as in `nf4
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Sequence
 
 import torch
 
-from .splitk import workspace
+from . import runtime
+from .runtime import INTERPRET
+from .splitk import split_for, workspace
 
 try:
     import triton
@@ -38,7 +39,6 @@ try:
 except ImportError:
     triton = None
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------
@@ -366,14 +366,6 @@ class LoRAConfig:
     num_warps: int = 4
 
 
-def _use_triton(device: torch.device) -> bool:
-    return triton is not None and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
-
-
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _rank_tile(stack: LoRAStack) -> int:
     # One rank tile for both kernels: the shrink writes whole tiles (zeros past the real rank)
     # and the expand reads whole tiles of the same size without a rank mask.
@@ -394,7 +386,7 @@ def lora_shrink(x: torch.Tensor, stack: LoRAStack, meta: BatchMeta,
     """h[i] = x[order[i]] @ A[slot].T for every token with a slot: fp32 [T, L * R], rows in
     slot-sorted order (`meta.order`); rows of base-model tokens are left unset."""
     _check(x, stack, meta, stack.in_features, "lora_shrink")
-    if not _use_triton(x.device):
+    if not runtime.use_triton(x.device):
         return lora_shrink_ref(x, stack, meta)
     if x.dtype != stack.a.dtype:
         raise ValueError(f"lora_shrink: x is {x.dtype}, adapter weights are {stack.a.dtype}")
@@ -407,11 +399,9 @@ def lora_shrink(x: torch.Tensor, stack: LoRAStack, meta: BatchMeta,
     block_r = _rank_tile(stack)
     block_k = min(config.shrink_block_k, triton.next_power_of_2(k))
     r_tiles = lr // block_r
-    split = config.shrink_split_k
-    if not split:  # enough programs for ~2 waves, counting the static tile bound
-        split, chunks = 1, triton.cdiv(k, block_k)
-        while meta.max_tiles * r_tiles * split < 2 * _num_sms(x.device) and split * 2 <= min(16, chunks):
-            split *= 2
+    # unless fixed by the config: split for the static tile bound (no data-dependent grid)
+    split = config.shrink_split_k or split_for(meta.max_tiles * r_tiles, triton.cdiv(k, block_k),
+                                               runtime.num_sms(x.device))
     ws, tickets = workspace.get(x.device, t * lr if split > 1 else 0, meta.max_tiles * r_tiles if split > 1 else 0)
     _lora_shrink_kernel[(meta.max_tiles, r_tiles, split)](
         x, stack.a, h, stack.rank, meta.order, meta.tile_slot, meta.tile_row, meta.seg_start,
@@ -431,7 +421,7 @@ def lora_expand(h: torch.Tensor, stack: LoRAStack, meta: BatchMeta, y: torch.Ten
     if y.shape != (meta.num_tokens, stack.out_features) or y.stride(-1) != 1:
         raise ValueError(f"lora_expand: y must be [{meta.num_tokens}, {stack.out_features}] with unit "
                          f"column stride, got {list(y.shape)} strides {y.stride()}")
-    if not _use_triton(y.device):
+    if not runtime.use_triton(y.device):
         return lora_expand_ref(h, stack, meta, y)
     if meta.num_tokens == 0:
         return y

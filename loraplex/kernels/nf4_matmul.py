@@ -32,8 +32,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import runtime
 from .nf4 import NF4Weight, dequantize_nf4, nf4_levels
-from .splitk import workspace
+from .runtime import INTERPRET
+from .splitk import split_for, workspace
 
 try:
     import triton
@@ -41,7 +43,6 @@ try:
 except ImportError:  # no Triton (e.g. macOS): the reference path still works on CPU
     triton = None
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -231,37 +232,23 @@ def m_bucket(m: int) -> int:
     return M_BUCKETS[-1] if m >= M_BUCKETS[-1] else 1 << (m - 1).bit_length()
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def _split_for(tiles: int, k_chunks: int, sms: int) -> int:
-    # Enough programs for ~2 waves over the SMs, never more splits than K chunks.
-    split = 1
-    while tiles * split < 2 * sms and split * 2 <= min(k_chunks, 16):
-        split *= 2
-    return split
-
-
 def heuristic_plan(n: int, k: int, m: int, device: torch.device) -> Plan:
     """A reasonable plan without measurement (used until `tune` has measured a shape)."""
-    sms = _num_sms(device)
+    sms = runtime.num_sms(device)
     if device.type != "cuda":  # interpreter: small tiles keep CPU tests quick
         if m == 1:
-            return Plan("gemv", block_n=16, block_k=128, split_k=_split_for(-(-n // 16), k // 128, sms))
+            return Plan("gemv", block_n=16, block_k=128, split_k=split_for(-(-n // 16), k // 128, sms))
         return Plan("gemm", block_m=16, block_n=32, block_k=64, split_k=1)
     if m == 1:
         block_k = 512 if k % 512 == 0 else 256
         tiles = -(-n // 16)
-        return Plan("gemv", block_n=16, block_k=block_k, split_k=_split_for(tiles, k // block_k, sms),
+        return Plan("gemv", block_n=16, block_k=block_k, split_k=split_for(tiles, k // block_k, sms),
                     num_warps=4)
     if m <= 64:
         block_m = max(16, m_bucket(m))
         tiles = -(-n // 64) * -(-m // block_m)
         return Plan("gemm", block_m=block_m, block_n=64, block_k=128,
-                    split_k=_split_for(tiles, k // 128, sms), num_warps=4, num_stages=3)
+                    split_k=split_for(tiles, k // 128, sms), num_warps=4, num_stages=3)
     if m < 1024:
         return Plan("gemm", block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
     return Plan("cublas")
@@ -270,7 +257,7 @@ def heuristic_plan(n: int, k: int, m: int, device: torch.device) -> Plan:
 def candidate_plans(n: int, k: int, m: int, device: torch.device) -> list[Plan]:
     """Plans `tune` measures for one shape and M bucket (tens, not hundreds: each one is
     timed at warm-up; compiled kernels are shared between shapes, N and K being arguments)."""
-    sms = _num_sms(device)
+    sms = runtime.num_sms(device)
     plans: list[Plan] = []
     if m == 1:
         for bn in (8, 16, 32, 64):
@@ -292,7 +279,7 @@ def candidate_plans(n: int, k: int, m: int, device: torch.device) -> list[Plan]:
             for bk in (64, 128):
                 if k % bk or bm * bn > 128 * 128:
                     continue
-                split = _split_for(-(-m // bm) * -(-n // bn), k // bk, sms)
+                split = split_for(-(-m // bm) * -(-n // bn), k // bk, sms)
                 for split in sorted({split, max(1, split // 2)}):  # about two waves, or one
                     for warps, stages in ((4, 3), (8, 4)):
                         plans.append(Plan("gemm", bm, bn, bk, split, warps, stages))
@@ -442,10 +429,6 @@ def _run_plan(plan: Plan, x2: torch.Tensor, w: NF4Weight, bias: torch.Tensor | N
     return y
 
 
-def _use_triton(device: torch.device) -> bool:
-    return triton is not None and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
-
-
 def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
                plan: Plan | None = None) -> torch.Tensor:
     """`y = x @ dequantize_nf4(w).T + bias` for x [..., K] in bf16/fp16 (fp32 accumulation).
@@ -454,7 +437,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     heuristic plan for this shape is used.
     """
     _check(x, w, bias)
-    if not _use_triton(x.device):
+    if not runtime.use_triton(x.device):
         return nf4_matmul_ref(x, w, bias)
     if x.dtype not in _ACT_DTYPES:
         raise ValueError(f"nf4_matmul: activations must be bfloat16 or float16, got {x.dtype}")

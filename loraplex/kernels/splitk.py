@@ -39,6 +39,15 @@ class Workspace:
 workspace = Workspace()
 
 
+def split_for(tiles: int, k_chunks: int, sms: int) -> int:
+    """K splits for `tiles` output tiles: enough programs for ~2 waves over the SMs, never
+    more splits than K chunks (nor 16)."""
+    split = 1
+    while tiles * split < 2 * sms and split * 2 <= min(k_chunks, 16):
+        split *= 2
+    return split
+
+
 if triton is not None:
 
     @triton.jit

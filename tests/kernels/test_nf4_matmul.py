@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from loraplex.kernels import nf4_matmul as mm
+from loraplex.kernels import runtime
 from loraplex.kernels.nf4 import dequantize_nf4, quantize_nf4
 from loraplex.kernels.nf4_matmul import Plan, nf4_matmul, nf4_matmul_ref
 from loraplex.kernels.splitk import workspace
@@ -124,7 +125,7 @@ LLAMA_SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (2867
 @pytest.mark.parametrize("m", [1, 2, 16, 64, 256, 2048, 8192])
 def test_plans_are_well_formed(n, k, m, monkeypatch):
     cuda = torch.device("cuda")
-    monkeypatch.setattr(mm, "_num_sms", lambda device: 132)  # an H100's plans, without one
+    monkeypatch.setattr(runtime, "num_sms", lambda device: 132)  # an H100's plans, without one
     plans = mm.candidate_plans(n, k, m, cuda) + [mm.heuristic_plan(n, k, m, cuda)]
     assert plans
     for plan in plans:
