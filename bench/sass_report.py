@@ -1,4 +1,4 @@
-"""Static report on the NF4 kernels as compiled for Hopper (sm_90), no GPU needed.
+"""Static report on the NF4, LoRA and attention kernels as compiled for Hopper (sm_90), no GPU needed.
 
 Compiles each kernel ahead of time with Triton for `cuda:90`, disassembles the cubin with
 the `cuobjdump` bundled with Triton, and prints per plan: registers, spills, shared memory,
@@ -30,6 +30,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from loraplex.kernels import attention as attn  # noqa: E402
 from loraplex.kernels import lora  # noqa: E402
 from loraplex.kernels import nf4_matmul as mm  # noqa: E402
 from loraplex.kernels import runtime  # noqa: E402
@@ -68,6 +69,39 @@ def compile_lora(kind: str, split_k: int = 1):
     attrs = {(params.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
+ATTENTION_SIGNATURE = {  # both attention kernels; names not in a kernel's parameters are ignored
+    "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
+    "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "scale_log2": "fp32", "stride_qb": "i32",
+    "stride_qh": "i32", "stride_bt": "i32", "stride_pos": "i32", "Hq": "i32",
+}
+ATTENTION_D = 128  # Llama-7B decode: Hq = 32, Hkv = 32 (G = 1) or 8 (G = 4), block size 16, bf16
+
+
+def compile_attention(plan: mm.Plan):
+    """Compile a paged decode attention kernel for sm_90 as `attention.py` launches it:
+    plan.block_m is the query-head group G, plan.split_k the KV splits."""
+    if plan.kind == "attention":
+        kernel = attn._paged_decode_kernel
+        # the output (or, split, the fp32 partials) and the m/l partials share out_ptr's slot
+        out = "*bf16" if plan.split_k == 1 else "*fp32"
+        constexprs = dict(G=plan.block_m, BLOCK_G=attn.group_rows(plan.block_m), BLOCK_N=plan.block_n,
+                          BLOCK_SIZE=16, D=ATTENTION_D, SPLIT=plan.split_k, DOT_FP32=False)
+    else:
+        kernel, out = attn._split_combine_kernel, "*bf16"
+        constexprs = dict(D=ATTENTION_D, SPLIT=plan.split_k)
+    params = kernel.arg_names
+    types = {**ATTENTION_SIGNATURE, "out_ptr": out}
+    signature = {name: types[name] for name in params if name not in constexprs}
+    signature.update({name: "constexpr" for name in constexprs})
+    # pointers and the strides that are multiples of 16 (Triton specializes on that at launch)
+    strides = ("stride_qb", "stride_qh", "stride_pos")
+    aligned = [n for n in signature if signature[n].startswith("*") or n in strides]
+    attrs = {(params.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
 
 
 def compile_plan(plan: mm.Plan):
@@ -127,7 +161,12 @@ def opcode_mix(lines: list[str]) -> Counter:
 
 
 def report(plan: mm.Plan, dump: Path | None) -> dict:
-    compiled = compile_lora(plan.kind, plan.split_k) if plan.kind.startswith("lora") else compile_plan(plan)
+    if plan.kind.startswith("lora"):
+        compiled = compile_lora(plan.kind, plan.split_k)
+    elif plan.kind.startswith("attention"):
+        compiled = compile_attention(plan)
+    else:
+        compiled = compile_plan(plan)
     cubin = Path("/tmp") / f"loraplex_{os.getpid()}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     usage = subprocess.run([TOOLS / "cuobjdump", "--dump-resource-usage", cubin],
@@ -143,7 +182,8 @@ def report(plan: mm.Plan, dump: Path | None) -> dict:
     spill = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     loop = opcode_mix(innermost_loop(sass.splitlines()))
     # weight bytes one program reads per loop iteration
-    code_bytes = {"dequant": 64 * 32, "lora_shrink": 16 * 256 * 2, "lora_expand": 128 * 16 * 2}.get(
+    code_bytes = {"dequant": 64 * 32, "lora_shrink": 16 * 256 * 2, "lora_expand": 128 * 16 * 2,
+                  "attention": 2 * plan.block_n * ATTENTION_D * 2}.get(  # attention: a K and a V tile
         plan.kind, plan.block_n * plan.block_k // 2)
     threads = 32 * plan.num_warps
     return dict(plan=plan, regs=regs, local=spill, shared=compiled.metadata.shared, loop=loop,
@@ -156,6 +196,13 @@ def default_plans() -> list[mm.Plan]:
     plans = {mm.heuristic_plan(n, k, m, torch.device("cuda")) for n, k in shapes for m in (1, 16, 64, 256)}
     plans = {p for p in plans if p.kind != "cublas"} | {mm.Plan("dequant", num_warps=4)}
     plans |= {mm.Plan("lora_shrink", split_k=1), mm.Plan("lora_shrink", split_k=4), mm.Plan("lora_expand")}
+    # paged decode attention, Llama-7B: G = 1 (Hkv = 32) and G = 4 (Hkv = 8), without and with
+    # KV splits (batch-1 long context), and the split combine
+    block_n = attn.block_n_for(ATTENTION_D)
+    warps = dict(num_warps=attn.NUM_WARPS, num_stages=attn.NUM_STAGES)
+    plans |= {mm.Plan("attention", block_m=g, block_n=block_n, split_k=s, **warps)
+              for g in (1, 4) for s in (1, 8)}
+    plans |= {mm.Plan("attention_combine", block_n=0, split_k=8, num_warps=attn.NUM_WARPS)}
     return sorted(plans, key=lambda p: (p.kind, p.block_m, p.block_n, p.block_k, p.split_k))
 
 
@@ -178,8 +225,14 @@ def main() -> None:
             continue
         if r["local"]:
             failed.append(f"{plan}: spills {r['local']} bytes to local memory")
-        name = (f"{plan.kind} 16x16 s{plan.split_k}" if plan.kind.startswith("lora") else
-                f"{plan.kind} {plan.block_m}x{plan.block_n}x{plan.block_k} s{plan.split_k} w{plan.num_warps}")
+        if plan.kind.startswith("lora"):
+            name = f"{plan.kind} 16x16 s{plan.split_k}"
+        elif plan.kind == "attention":
+            name = f"attention G{plan.block_m} n{plan.block_n} d{ATTENTION_D} s{plan.split_k} w{plan.num_warps}"
+        elif plan.kind == "attention_combine":
+            name = f"attention_combine d{ATTENTION_D} s{plan.split_k}"
+        else:
+            name = f"{plan.kind} {plan.block_m}x{plan.block_n}x{plan.block_k} s{plan.split_k} w{plan.num_warps}"
         loop = r["loop"]
         if not loop["all"]:  # straight-line kernel (dequant): nothing per iteration to count
             print(f"| {name} | {r['regs']} | {r['local']} | {r['shared']} | no K loop |" + " |" * (len(cols) + 2))
