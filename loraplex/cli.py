@@ -1,6 +1,7 @@
 """`loraplex` command line.
 
-    loraplex check   quantize a small random Llama to NF4 and verify format and kernels
+    loraplex check      quantize a small random Llama to NF4 and verify format and kernels
+    loraplex quantize   write an NF4 (bitsandbytes-format) copy of a Hugging Face checkpoint
 """
 
 from __future__ import annotations
@@ -93,6 +94,24 @@ def check(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def quantize(args: argparse.Namespace) -> int:
+    """Quantize every decoder linear of a Llama-family checkpoint to NF4 (block size 64, double
+    quantization) and write it in the bitsandbytes format, loadable by transformers with
+    bitsandbytes and by `loraplex serve`. A checkpoint already in NF4 is copied, not re-quantized."""
+    from .model.checkpoint import CheckpointError, write_nf4_checkpoint
+
+    device = _pick_device(args.device)
+    started = time.perf_counter()
+    try:
+        dst = write_nf4_checkpoint(args.src, args.dst, device=device, max_shard_bytes=args.max_shard_mb << 20)
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"loraplex quantize: {exc}", file=sys.stderr)
+        return 2
+    size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
+    print(f"wrote {dst} ({size / 2**20:.1f} MiB of safetensors) in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LoRA serving on NF4 base models.")
     parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
@@ -107,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=2, help="decoder layers (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=check)
+
+    p = commands.add_parser("quantize", help="write an NF4 copy of a Hugging Face checkpoint",
+                            description=quantize.__doc__)
+    p.add_argument("src", help="Hugging Face model directory (config.json + *.safetensors)")
+    p.add_argument("dst", help="output directory (must not exist or be empty)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to quantize (default: cuda if available, else cpu)")
+    p.add_argument("--max-shard-mb", type=int, default=2048, help="largest safetensors shard in MiB (default: 2048)")
+    p.set_defaults(func=quantize)
     return parser
 
 

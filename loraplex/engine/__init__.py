@@ -1,0 +1,1 @@
+"""Request-level engine pieces: sampling, incremental detokenization."""

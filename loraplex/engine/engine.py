@@ -1,0 +1,209 @@
+"""The engine: owns the model, KV cache and scheduler; `step()` runs one batch.
+
+    step():  adapters.between_steps() -> scheduler.schedule() -> runner.run() -> sample -> postprocess
+
+Single-threaded by design: one thread (see `async_engine.py`) calls every method. Results leave
+through each request's output channel (`Request.on_output`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from ..model.llama import CausalLM
+from .adapters import AdapterProvider, UnknownAdapterError
+from .detokenizer import IncrementalDetokenizer
+from .kv_cache import BlockAllocator, KVCache, blocks_for_memory
+from .request import FinishReason, Request, RequestOutput, Status
+from .runner import ModelRunner
+from .sampling import make_generator, sample
+from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
+
+log = logging.getLogger("loraplex.engine")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    max_num_seqs: int = 256              # running sequences at most
+    max_num_batched_tokens: int = 2048   # tokens per step; longer prompts are prefilled in chunks
+    block_size: int = 16                 # KV cache positions per block
+    kv_cache_tokens: int | None = None   # KV capacity in tokens; None = from memory_fraction (CUDA)
+    memory_fraction: float = 0.90        # of GPU memory for weights + adapters + KV cache
+    max_model_len: int | None = None     # None = the model's own limit
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise ValueError(f"kv_cache_tokens must be at least one block ({self.block_size}), "
+                             f"got {self.kv_cache_tokens}")
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (too long, bad parameters); safe to show the client."""
+
+
+class Engine:
+    def __init__(self, model: CausalLM, tokenizer, adapters: AdapterProvider | None = None,
+                 config: EngineConfig | None = None, eos_token_ids: set[int] | None = None):
+        self.config = config = config or EngineConfig()
+        self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
+        self.max_model_len = min(config.max_model_len or model.config.max_model_len, model.config.max_model_len)
+        if eos_token_ids is None:
+            eos_token_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        self.eos_token_ids = eos_token_ids
+        bs = config.block_size
+        if config.kv_cache_tokens is not None:
+            num_blocks = -(-config.kv_cache_tokens // bs) + 1  # + the scratch block
+        elif model.device.type == "cuda":
+            reserve = config.max_num_batched_tokens * model.config.hidden_size * 64  # activations, roughly
+            num_blocks = blocks_for_memory(model.config, model.dtype, model.device, config.memory_fraction, bs, reserve)
+        else:
+            num_blocks = -(-min(config.max_num_seqs, 16) * self.max_model_len // bs) + 1
+        self.kv_cache = KVCache.allocate(model.config, num_blocks, bs, model.dtype, model.device)
+        model.bind_kv_cache(self.kv_cache.k, self.kv_cache.v)
+        self.allocator = BlockAllocator(num_blocks, bs)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
+                                   self.allocator, adapters)
+        self.runner = ModelRunner(model, bs)
+        self.requests: dict[str, Request] = {}
+        self.last_step: ScheduledStep | None = None
+        log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks - 1, bs, self.allocator.capacity_tokens)
+
+    # -- requests in ----------------------------------------------------------------------
+
+    def check_request(self, prompt_len: int, max_tokens: int, adapter: str | None) -> None:
+        """Raise RequestError / UnknownAdapterError for what can never run (before queuing)."""
+        if prompt_len < 1:
+            raise RequestError("the prompt is empty")
+        if prompt_len + max_tokens > self.max_model_len:
+            raise RequestError(f"this model's maximum context length is {self.max_model_len} tokens; the "
+                               f"request asks for {prompt_len + max_tokens} ({prompt_len} in the prompt, "
+                               f"{max_tokens} to generate)")
+        if prompt_len + max_tokens > self.allocator.capacity_tokens:
+            raise RequestError(f"the request needs {prompt_len + max_tokens} tokens of KV cache; the whole "
+                               f"cache holds {self.allocator.capacity_tokens}")
+        if adapter is not None and (self.adapters is None or not self.adapters.has(adapter)):
+            raise UnknownAdapterError(adapter)
+
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise RequestError(f"request id {req.request_id!r} is already running")
+        self.check_request(len(req.prompt_ids), req.params.max_tokens, req.adapter)
+        if req.adapter is not None:
+            req.adapter_ref = self.adapters.acquire(req.adapter)
+        req.generator = make_generator(req.params.seed, self.model.device)
+        req.detokenizer = IncrementalDetokenizer(
+            self.tokenizer, req.prompt_ids, stop=req.params.stop,
+            include_stop=req.params.include_stop_str_in_output)
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT, error: str | None = None) -> bool:
+        """Stop a request wherever it is (client gone, forced unload); frees its KV blocks."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self._finish(req, reason, error=error)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step -------------------------------------------------------------------------
+
+    def step(self) -> int:
+        """Run one batch; returns the number of tokens it computed (0 when idle)."""
+        if self.adapters is not None:
+            self.adapters.between_steps()
+        sched = self.scheduler.schedule()
+        self.last_step = sched
+        if sched.empty:
+            return 0
+        logits, sampled = self.runner.run(sched)
+        tokens, logprobs = sample(logits, [r.params for r in sampled], [r.generator for r in sampled])
+        for req, n in sched.prefills:
+            req.num_computed += n
+        for req in sched.decodes:
+            req.num_computed += 1
+        now = time.monotonic()
+        for req, token, lp in zip(sampled, tokens, logprobs):
+            self._append(req, token, lp, now)
+        return sum(n for _, n in sched.prefills) + len(sched.decodes)
+
+    def _append(self, req: Request, token: int, logprob, now: float) -> None:
+        req.output_ids.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = now
+        p = req.params
+        reason, text, hit = None, "", False
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            reason = FinishReason.STOP  # a stop token's text is not part of the output
+        else:
+            text, hit = req.detokenizer.push(token)
+            if hit:
+                reason = FinishReason.STOP
+            elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+                reason = FinishReason.LENGTH
+        lps = None if logprob is None else [logprob]
+        if reason is None:
+            self._emit(req, RequestOutput(req.request_id, [token], text, lps))
+        else:
+            # after a stop string nothing more is emitted; otherwise release held-back text
+            self._finish(req, reason, token_ids=[token], text=text, logprobs=lps, flush=not hit)
+
+    def _finish(self, req: Request, reason: FinishReason, *, token_ids: list[int] | None = None, text: str = "",
+                logprobs=None, error: str | None = None, flush: bool = True) -> None:
+        if req.status is Status.FINISHED:
+            return
+        self.scheduler.remove(req)
+        self.requests.pop(req.request_id, None)
+        if req.adapter_ref is not None:
+            self.adapters.release(req.adapter_ref)
+            req.adapter_ref = None
+        if flush and req.detokenizer is not None:
+            text += req.detokenizer.flush()
+            if req.detokenizer.stopped:  # the held-back tail completed a stop string
+                reason = FinishReason.STOP
+        req.finish_reason = reason
+        self._emit(req, RequestOutput(req.request_id, token_ids or [], text, logprobs, finished=True,
+                                      finish_reason=reason, error=error))
+
+    def _emit(self, req: Request, out: RequestOutput) -> None:
+        out.prompt_tokens, out.completion_tokens = len(req.prompt_ids), len(req.output_ids)
+        if req.on_output is not None:
+            req.on_output(out)
+
+    def fail_all(self, error: str) -> None:
+        """After an exception in a step: end every request with an error, keep the engine usable."""
+        for request_id in list(self.requests):
+            self.abort(request_id, FinishReason.ERROR, error)
+
+    # -- convenience for tests and scripts --------------------------------------------------
+
+    def run_until_done(self, max_steps: int = 1_000_000) -> None:
+        for _ in range(max_steps):
+            if not self.has_work():
+                return
+            self.step()
+        raise RuntimeError(f"requests still running after {max_steps} steps")
+
+
+def generation_eos_ids(model_dir, tokenizer) -> set[int]:
+    """EOS ids from generation_config.json (Llama 3 lists several) plus the tokenizer's."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except (OSError, ValueError):
+        pass
+    return ids
+

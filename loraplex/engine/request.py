@@ -1,0 +1,82 @@
+"""A request as the engine sees it, and what the engine sends back for it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .sampling import SamplingParams, TokenLogprob
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"      # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context length reached
+    ABORT = "abort"    # the client went away, or the request was cancelled
+    ERROR = "error"    # the engine failed while running it (message in RequestOutput.error)
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"    # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"    # has KV blocks; prefilling or decoding
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One increment of a request's result, sent through its output channel."""
+
+    request_id: str
+    token_ids: list[int]                 # tokens generated since the previous output
+    text: str                            # text safe to emit since the previous output
+    logprobs: list[TokenLogprob] | None  # one per token in token_ids, when asked for
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """Prompt, adapter and sampling parameters plus the engine's per-sequence state."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None                      # registered adapter name, None = base model
+    on_output: Callable[[RequestOutput], None] | None = None  # output channel (called on the engine thread)
+    arrival: float = field(default_factory=time.monotonic)
+
+    # engine state
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0                # tokens whose keys and values are in the cache
+    block_table: list[int] = field(default_factory=list)
+    lora_slot: int = -1                  # GPU adapter slot while scheduled, -1 = base model
+    adapter_ref: Any = None              # the adapter provider's handle (held until finished)
+    generator: torch.Generator | None = None
+    detokenizer: Any = None
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to run through the model before the next one can be sampled."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.status is Status.RUNNING and self.num_uncomputed == 1 and bool(self.output_ids)

@@ -1,0 +1,84 @@
+"""Turns a scheduled step into tensors, runs the model and returns the logits to sample."""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels.lora import BatchMeta
+from ..model.llama import CausalLM
+from ..model.step import PrefillChunk, StepMeta
+from .request import Request
+from .scheduler import ScheduledStep
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, block_size: int):
+        self.model = model
+        self.block_size = block_size
+        self.device = model.device
+
+    def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def _rows(self, table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare(self, sched: ScheduledStep) -> tuple[torch.Tensor, StepMeta, list[Request]]:
+        """Flat batch: prompt chunks first, then decode tokens. Returns input ids, the step's
+        metadata and the requests to sample, in the order of `step.logits_rows`."""
+        ids: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []
+        lora_slots: list[int] = []
+        logits_rows: list[int] = []
+        sampled: list[Request] = []
+        chunks: list[tuple[int, int, int, list[int]]] = []
+        for req, n in sched.prefills:
+            start, first = len(ids), req.num_computed
+            ids += req.all_ids[first: first + n]
+            positions += range(first, first + n)
+            rows += self._rows(req.block_table, first, first + n)
+            lora_slots += [req.lora_slot] * n
+            chunks.append((start, n, first, req.block_table[: -(-(first + n) // self.block_size)]))
+            if first + n == req.num_tokens:  # the prompt is complete: sample the next token
+                logits_rows.append(start + n - 1)
+                sampled.append(req)
+        decode_start = len(ids)
+        max_blocks = max((len(r.block_table) for r in sched.decodes), default=0)
+        tables: list[int] = []
+        for req in sched.decodes:
+            pos = req.num_tokens - 1
+            logits_rows.append(len(ids))
+            ids.append(req.all_ids[-1])
+            positions.append(pos)
+            rows += self._rows(req.block_table, pos, pos + 1)
+            lora_slots.append(req.lora_slot)
+            tables += req.block_table + [0] * (max_blocks - len(req.block_table))
+            sampled.append(req)
+
+        dev_positions = self._to_device(positions, torch.int64)
+        cos, sin = self.model.rope(dev_positions)
+        lora = None
+        if self.model.lora_slots and any(s >= 0 for s in lora_slots):
+            lora = BatchMeta.build(self._to_device(lora_slots, torch.int32), self.model.lora_slots)
+        step = StepMeta(
+            positions=dev_positions,
+            slot_mapping=self._to_device(rows, torch.int64),
+            cos=cos, sin=sin,
+            prefills=[PrefillChunk(s, n, c, self._to_device(t, torch.int64)) for s, n, c, t in chunks],
+            decode_start=decode_start,
+            decode_block_tables=self._to_device(tables, torch.int32).view(len(sched.decodes), max_blocks),
+            decode_seq_lens=self._to_device([r.num_tokens for r in sched.decodes], torch.int32),
+            lora=lora,
+            logits_rows=self._to_device(logits_rows, torch.int64),
+        )
+        return self._to_device(ids, torch.int64), step, sampled
+
+    def run(self, sched: ScheduledStep) -> tuple[torch.Tensor, list[Request]]:
+        """Logits [len(sampled), V] fp32 for the requests that get a new token this step."""
+        input_ids, step, sampled = self.prepare(sched)
+        return self.model(input_ids, step), sampled

@@ -1,0 +1,233 @@
+"""Per-request sampling parameters and one batched sampling step over a [B, V] logits tensor.
+
+Every row has its own temperature, top-k, top-p and (optionally) its own seeded generator.
+The step runs on the logits' device for all rows at once: one sort for the top-k/top-p
+masks, one softmax, and the exponential race `argmax(p / E)` with E ~ Exponential(1),
+which picks token i with probability p_i. A seeded row draws its E from its own generator,
+so its tokens do not depend on which other requests share the batch; unseeded rows draw
+theirs from the default generator in one call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from numbers import Real
+
+import torch
+
+MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How one request picks its tokens and when it stops. Invalid values raise ValueError
+    with a message fit to return to the client."""
+
+    max_tokens: int = 16            # >= 1
+    temperature: float = 1.0        # >= 0; 0 = greedy
+    top_p: float = 1.0              # (0, 1]
+    top_k: int = 0                  # 0 = off, else >= 1 (-1, vLLM's "off", is read as 0)
+    seed: int | None = None         # per-request generator when set
+    stop: list[str] = field(default_factory=list)  # up to 16 non-empty stop strings
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None     # None = off; k >= 0: chosen token's logprob plus top k
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        self.temperature = float(self.temperature)
+
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:  # NaN fails the comparison too
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        self.top_p = float(self.top_p)
+
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be 0 (off) or an integer >= 1, got {self.top_k!r}")
+        self.top_k = max(self.top_k, 0)
+
+        if self.seed is not None and (not _is_int(self.seed) or not _SEED_MIN <= self.seed <= _SEED_MAX):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+
+        # A bare string is one stop string, not a sequence of one-character stops.
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if stop is None:
+            stop = []
+        if not isinstance(stop, (list, tuple)):
+            raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        self.stop = list(stop)
+
+        ids = self.stop_token_ids if self.stop_token_ids is not None else []
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {type(ids).__name__}")
+        for t in ids:
+            if not _is_int(t) or t < 0:
+                raise ValueError(f"stop_token_ids must hold integers >= 0, got {t!r}")
+        self.stop_token_ids = list(ids)
+
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError("include_stop_str_in_output must be a boolean, "
+                             f"got {self.include_stop_str_in_output!r}")
+
+        lp = self.logprobs
+        if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer between 0 and {MAX_LOGPROBS}, got {lp!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """The sampled token's log-probability under the model, and the k most likely tokens."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token_id, logprob), most likely first
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A generator seeded with `seed` on `device` (where the noise is drawn), or None."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """One token per row of `logits` [B, V], and its logprobs where the row's params ask.
+
+    Greedy rows (temperature 0) take the argmax (lowest index on ties). The others sample
+    from softmax(logits / temperature) restricted by top-k, then top-p. Logprobs are those
+    of the raw logits (the model's distribution, before temperature and truncation).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    batch = logits.shape[0]
+    if len(params) != batch or len(generators) != batch:
+        raise ValueError(f"need one params and one generator per row: {batch} rows, "
+                         f"{len(params)} params, {len(generators)} generators")
+
+    logits = logits.float()  # no copy when already fp32; nothing below writes into it
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if len(rows) == batch:
+        tokens = _sample_rows(logits, params, generators)
+    else:
+        tokens = logits.argmax(dim=-1)
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            picked = _sample_rows(logits.index_select(0, index),
+                                  [params[i] for i in rows], [generators[i] for i in rows])
+            tokens = tokens.index_copy(0, index, picked)
+
+    token_list = tokens.tolist()  # host sync 1
+    return token_list, _logprobs(logits, tokens, params, token_list)
+
+
+def _sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
+                 generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Draw one token per row of fp32 `logits` [n, V]; every row has temperature > 0."""
+    n, vocab = logits.shape
+    device = logits.device
+    # Clamped so that a temperature below fp32's range is not 0 (0 / 0 = NaN).
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    temperature.clamp_min_(torch.finfo(torch.float32).tiny)
+    # Shift the row maximum to 0 first: a tiny temperature then sends the other logits
+    # towards -inf instead of overflowing the maximum to +inf (inf - inf = NaN in softmax).
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature.unsqueeze(1)
+
+    use_top_k = any(0 < p.top_k < vocab for p in params)
+    use_top_p = any(p.top_p < 1 for p in params)
+    if use_top_k or use_top_p:
+        # Stable descending sort: among equal logits the lowest id ranks first, as in argmax,
+        # so top_k=1 or a tiny top_p gives exactly the greedy token.
+        ranked, order = scaled.sort(dim=-1, descending=True, stable=True)
+        if use_top_k:
+            k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+            position = torch.arange(vocab, device=device)
+            ranked = ranked.masked_fill(position.unsqueeze(0) >= k.unsqueeze(1), -math.inf)
+        if use_top_p:
+            probs = ranked.softmax(dim=-1)
+            # Mass of the strictly more likely tokens: a token stays while that is < top_p,
+            # which keeps the smallest prefix reaching top_p and always the first token.
+            before = probs.cumsum(dim=-1) - probs
+            # Rows with top_p = 1 must keep everything; rounding could push `before` to 1.
+            top_p = torch.tensor([p.top_p if p.top_p < 1 else math.inf for p in params], device=device)
+            ranked = ranked.masked_fill(before >= top_p.unsqueeze(1), -math.inf)
+        scaled = torch.empty_like(scaled).scatter_(1, order, ranked)
+
+    probs = scaled.softmax(dim=-1)
+    noise = _exponential_noise(n, vocab, generators, device)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _exponential_noise(n: int, vocab: int, generators: Sequence[torch.Generator | None],
+                       device: torch.device) -> torch.Tensor:
+    """Exponential(1) noise [n, V]: seeded rows from their own generator, one row each (so a
+    row's draws never depend on the batch), the other rows in one default-generator call."""
+    noise = torch.empty(n, vocab, device=device)
+    free = [i for i, g in enumerate(generators) if g is None]
+    if len(free) == n:
+        noise.exponential_()
+    else:
+        if free:
+            index = torch.tensor(free, device=device)
+            noise.index_copy_(0, index, torch.empty(len(free), vocab, device=device).exponential_())
+        for i, generator in enumerate(generators):
+            if generator is not None:
+                noise[i].exponential_(generator=generator)
+    # A zero draw would make p / 0 = inf (or 0 / 0 = NaN for a masked token).
+    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams],
+              token_list: list[int]) -> list[TokenLogprob | None]:
+    out: list[TokenLogprob | None] = [None] * len(params)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return out
+    index = torch.tensor(rows, device=logits.device)
+    logp = torch.log_softmax(logits.index_select(0, index), dim=-1)
+    chosen = logp.gather(1, tokens.index_select(0, index).unsqueeze(1))
+    k = min(max(params[i].logprobs for i in rows), logp.shape[1])
+    parts = [chosen]
+    if k > 0:
+        top_values, top_ids = logp.topk(k, dim=-1)
+        parts += [top_values, top_ids]
+    # One host transfer for all of it: [chosen | top values | top ids] per row, in fp64
+    # (exact for fp32 values and for any token id).
+    packed = torch.cat([part.double() for part in parts], dim=1).tolist()  # host sync 2
+    for row, i in zip(packed, rows):
+        want = params[i].logprobs
+        top = [(int(row[1 + k + j]), row[1 + j]) for j in range(min(want, k))]
+        out[i] = TokenLogprob(token_id=token_list[i], logprob=row[0], top=top)
+    return out

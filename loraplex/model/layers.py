@@ -1,0 +1,68 @@
+"""Building blocks of the decoder: NF4 linears with batched LoRA, RMSNorm, rotary embedding."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.lora import BatchMeta, LoRAStack, apply_lora
+from ..kernels.nf4 import NF4Weight
+from ..kernels.nf4_matmul import nf4_matmul
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T (+ bias) + each token's own LoRA delta.
+
+    W is one NF4 weight per part: a fused projection (q/k/v, gate/up) keeps its parts as the
+    checkpoint quantized them (each with its own double-quant scales, so bitsandbytes
+    checkpoints load without re-quantizing) and writes their outputs side by side. The LoRA
+    delta of all parts is one shrink and one expand over a stack with one slice per part.
+    """
+
+    def __init__(self, parts: list[NF4Weight], biases: list[torch.Tensor | None], names: tuple[str, ...]):
+        super().__init__()
+        if len(parts) != len(names) or len(biases) != len(parts):
+            raise ValueError("QuantLinear: one name and one bias (or None) per part")
+        in_features = {w.shape[1] for w in parts}
+        if len(in_features) != 1:
+            raise ValueError(f"QuantLinear: fused parts must share in_features, got {sorted(in_features)}")
+        self.parts, self.biases, self.names = parts, biases, names
+        self.in_features = in_features.pop()
+        self.slices = tuple(w.shape[0] for w in parts)
+        self.out_features = sum(self.slices)
+        self.lora: LoRAStack | None = None
+
+    def forward(self, x: torch.Tensor, lora: BatchMeta | None) -> torch.Tensor:
+        outs = [nf4_matmul(x, w, b) for w, b in zip(self.parts, self.biases)]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        if self.lora is not None and lora is not None:
+            apply_lora(x, y, self.lora, lora)
+        return y
+
+    def allocate_lora(self, slots: int, max_rank: int, dtype: torch.dtype) -> None:
+        self.lora = LoRAStack.allocate(slots, self.in_features, self.slices, max_rank, dtype, self.parts[0].device)
+
+    def resident_bytes(self) -> int:
+        return sum(w.resident_bytes() for w in self.parts)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back as transformers' Llama does."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention. x [T, H, D], cos/sin [T, D]."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,170 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) on NF4 weights with per-token LoRA.
+
+Every step runs one flat batch of T tokens from many sequences (`StepMeta`); each linear adds
+the LoRA delta of each token's own adapter slot (`BatchMeta`). Keys and values go to a paged
+cache bound once with `bind_kv_cache`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.lora import BatchMeta
+from .attention import paged_attention, write_kv
+from .config import ModelConfig
+from .layers import QuantLinear, RMSNorm, apply_rope
+from .step import StepMeta
+
+# Fused projections: module name in the model -> the HF linears it holds, in output order.
+FUSED_LINEARS = {
+    "qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o_proj": ("self_attn.o_proj",),
+    "gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "down_proj": ("mlp.down_proj",),
+}
+
+
+def _fused(weights, name: str) -> QuantLinear:
+    hf_names = FUSED_LINEARS[name]
+    parts = [weights.linears[n] for n in hf_names]
+    biases = [weights.tensors.get(f"{n}.bias") for n in hf_names]
+    return QuantLinear(parts, biases, hf_names)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, weights):
+        super().__init__()
+        self.config = config
+        self.qkv_proj = _fused(weights, "qkv_proj")
+        self.o_proj = _fused(weights, "o_proj")
+        self.scale = config.head_dim ** -0.5
+        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, Hkv, D]
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, step: StepMeta) -> torch.Tensor:
+        c = self.config
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x, step.lora).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = apply_rope(q.view(t, c.num_heads, c.head_dim), step.cos, step.sin)
+        k = apply_rope(k.view(t, c.num_kv_heads, c.head_dim), step.cos, step.sin)
+        write_kv(self.k_cache, self.v_cache, k, v.reshape(t, c.num_kv_heads, c.head_dim), step.slot_mapping)
+        out = paged_attention(q, self.k_cache, self.v_cache, step, self.scale)
+        return self.o_proj(out.view(t, c.q_size), step.lora)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, weights):
+        super().__init__()
+        self.gate_up_proj = _fused(weights, "gate_up_proj")
+        self.down_proj = _fused(weights, "down_proj")
+
+    def forward(self, x: torch.Tensor, lora: BatchMeta | None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, weights):
+        super().__init__()
+        self.input_layernorm = RMSNorm(weights.tensors["input_layernorm.weight"], config.rms_norm_eps)
+        self.self_attn = Attention(config, weights)
+        self.post_attention_layernorm = RMSNorm(weights.tensors["post_attention_layernorm.weight"],
+                                                config.rms_norm_eps)
+        self.mlp = MLP(config, weights)
+
+    def forward(self, x: torch.Tensor, step: StepMeta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), step)
+        return x + self.mlp(self.post_attention_layernorm(x), step.lora)
+
+
+class CausalLM(nn.Module):
+    """The whole decoder. `forward(input_ids [T], step) -> logits [len(step.logits_rows), V]` fp32."""
+
+    def __init__(self, config: ModelConfig, embed: torch.Tensor, norm: torch.Tensor,
+                 lm_head: torch.Tensor | None, layers: list[DecoderLayer], cos: torch.Tensor, sin: torch.Tensor):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding.from_pretrained(embed, freeze=True)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(norm, config.rms_norm_eps)
+        self.lm_head_weight = embed if lm_head is None else lm_head  # tied: the embedding itself
+        self.dtype, self.device = embed.dtype, embed.device
+        self.cos_table, self.sin_table = cos, sin  # [max_model_len, head_dim] fp32
+        self.lora_slots = 0
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, step: StepMeta) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, step)
+        x = self.norm(x[step.logits_rows])
+        return F.linear(x, self.lm_head_weight).float()
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, head_dim] at `positions`, in the activation dtype."""
+        return self.cos_table[positions].to(self.dtype), self.sin_table[positions].to(self.dtype)
+
+    # -- KV cache and adapter slots (long-lived state, bound once) --------------------------
+
+    def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        for layer, k, v in zip(self.layers, k_caches, v_caches, strict=True):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
+
+    def linears(self) -> dict[str, QuantLinear]:
+        """Every NF4 linear by module path, e.g. "layers.3.self_attn.qkv_proj"."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, QuantLinear)}
+
+    def allocate_lora(self, slots: int, max_rank: int) -> None:
+        """Pre-allocate `slots` GPU adapter slots of rank capacity `max_rank` in every linear."""
+        for linear in self.linears().values():
+            linear.allocate_lora(slots, max_rank, self.dtype)
+        self.lora_slots = slots
+
+    def set_lora_slot(self, slot: int, modules: dict) -> None:
+        """Put one adapter into `slot`. `modules` maps "layers.{i}.{hf linear}" (e.g.
+        "layers.0.self_attn.q_proj") to an object with `.a` [r, in], `.b` [out, r], `.scaling`;
+        linears missing from it are not targeted."""
+        if not 0 <= slot < self.lora_slots:
+            raise ValueError(f"adapter slot {slot} outside 0..{self.lora_slots - 1}")
+        known = set()
+        for i, layer in enumerate(self.layers):
+            for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                           layer.mlp.gate_up_proj, layer.mlp.down_proj):
+                keys = [f"layers.{i}.{n}" for n in linear.names]
+                known.update(keys)
+                entries = [modules.get(key) for key in keys]
+                linear.lora.set_slot(slot, [None if e is None else
+                                            (e.a.to(self.device, self.dtype), e.b.to(self.device, self.dtype),
+                                             float(e.scaling)) for e in entries])
+        unknown = set(modules) - known
+        if unknown:
+            raise ValueError(f"adapter modules not in the model: {sorted(unknown)[:5]}")
+
+    def clear_lora_slot(self, slot: int) -> None:
+        for linear in self.linears().values():
+            linear.lora.clear_slot(slot)
+
+    def resident_bytes(self) -> int:
+        quant = sum(m.resident_bytes() for m in self.linears().values())
+        dense = {id(t): t.numel() * t.element_size() for t in
+                 [self.embed_tokens.weight, self.lm_head_weight, *self.buffers(), *self.parameters()]}
+        return quant + sum(dense.values())
+
+
+def build_model(reader, dtype: torch.dtype, device: torch.device | str) -> CausalLM:
+    """Assemble the model from a `CheckpointReader` (layer by layer, NF4 as it streams in)."""
+    from .config import rope_tables
+
+    config = ModelConfig.from_hf(reader.config)
+    glob = reader.global_tensors()
+    layers = [DecoderLayer(config, weights) for weights in reader.layers()]
+    if len(layers) != config.num_layers:
+        raise ValueError(f"checkpoint has {len(layers)} layers, config says {config.num_layers}")
+    lm_head = None if config.tie_word_embeddings else glob.get("lm_head.weight")
+    if lm_head is None and not config.tie_word_embeddings:
+        raise ValueError("checkpoint has no lm_head.weight and the config does not tie embeddings")
+    cos, sin = rope_tables(reader.config, config.max_model_len, device)
+    return CausalLM(config, glob["model.embed_tokens.weight"], glob["model.norm.weight"], lm_head,
+                    layers, cos, sin)

@@ -1,0 +1,239 @@
+"""Engine behaviour beyond exactness: sampling with seeds, stop conditions, aborts, limits,
+adapter paging, and the asyncio wrapper."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from loraplex.engine.adapters import StaticAdapters, UnknownAdapterError
+from loraplex.engine.async_engine import AsyncEngine
+from loraplex.engine.engine import Engine, EngineConfig, RequestError
+from loraplex.engine.request import FinishReason, Request
+from loraplex.engine.sampling import SamplingParams
+from loraplex.kernels import runtime
+from loraplex.model.loader import load_model
+from tests.factory import make_model
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels():
+    with runtime.reference_kernels():
+        yield
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("behaviour")
+    make_model(root, "llama")
+    with runtime.reference_kernels():
+        return load_model(root, dtype=torch.float32, progress=False)
+
+
+class Adapter:
+    """A random adapter in the shape `CausalLM.set_lora_slot` takes."""
+
+    def __init__(self, model, seed: int, rank: int = 4):
+        gen = torch.Generator().manual_seed(seed)
+        self.modules = {}
+        for path, linear in model.linears().items():
+            i = path.split(".")[1]
+            for name, (out_f, in_f) in zip(linear.names, [(w.shape[0], w.shape[1]) for w in linear.parts]):
+                m = type("M", (), {})()
+                m.a, m.b, m.scaling = torch.randn(rank, in_f, generator=gen), torch.randn(out_f, rank, generator=gen), 0.5
+                self.modules[f"layers.{i}.{name}"] = m
+
+
+def collect(engine, reqs, max_steps=400):
+    outputs = {r.request_id: [] for r in reqs}
+    for r in reqs:
+        r.on_output = outputs[r.request_id].append
+        engine.add_request(r)
+    engine.run_until_done(max_steps)
+    return outputs
+
+
+def tokens_of(outs):
+    return [t for o in outs for t in o.token_ids]
+
+
+def text_of(outs):
+    return "".join(o.text for o in outs)
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(loaded):
+    prompt = loaded.tokenizer.encode("hello world")
+    params = dict(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    alone = collect(Engine(loaded.model, loaded.tokenizer, config=EngineConfig(kv_cache_tokens=256)),
+                    [Request("a", prompt, SamplingParams(**params))])
+    crowd = [Request(f"o{i}", loaded.tokenizer.encode(f"other prompt {i}"),
+                     SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)) for i in range(4)]
+    crowd.insert(2, Request("a", prompt, SamplingParams(**params)))
+    together = collect(Engine(loaded.model, loaded.tokenizer, config=EngineConfig(kv_cache_tokens=512)), crowd)
+    assert tokens_of(alone["a"]) == tokens_of(together["a"])
+    other_seed = collect(Engine(loaded.model, loaded.tokenizer, config=EngineConfig(kv_cache_tokens=256)),
+                         [Request("a", prompt, SamplingParams(**{**params, "seed": 99}))])
+    assert tokens_of(other_seed["a"]) != tokens_of(alone["a"])
+
+
+def test_max_tokens_and_stop_string_finish_reasons(loaded):
+    tok = loaded.tokenizer
+    prompt = tok.encode("the quick brown")
+    engine = Engine(loaded.model, tok, config=EngineConfig(kv_cache_tokens=256))
+    free = collect(engine, [Request("free", prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))])
+    assert free["free"][-1].finish_reason is FinishReason.LENGTH
+    assert len(tokens_of(free["free"])) == 20
+    full_text = text_of(free["free"])
+    assert full_text == tok.decode(tokens_of(free["free"]), skip_special_tokens=True)
+    # stop at a piece of the text the free run produced (greedy: the same text comes again)
+    stop = full_text[len(full_text) // 2: len(full_text) // 2 + 2]
+    cut = collect(engine, [Request("cut", prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True,
+                                                                 stop=[stop]))])
+    assert cut["cut"][-1].finish_reason is FinishReason.STOP
+    assert text_of(cut["cut"]) == full_text[: full_text.index(stop)]
+    # a stop token id ends generation without adding its text
+    stop_id = tokens_of(free["free"])[5]
+    by_id = collect(engine, [Request("id", prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True,
+                                                                  stop_token_ids=[stop_id]))])
+    ids = tokens_of(by_id["id"])
+    assert by_id["id"][-1].finish_reason is FinishReason.STOP and ids[-1] == stop_id
+    assert stop_id not in ids[:-1]
+
+
+def test_abort_frees_everything_at_any_step(loaded):
+    engine = Engine(loaded.model, loaded.tokenizer, StaticAdapters(loaded.model, {"x": Adapter(loaded.model, 1)}),
+                    EngineConfig(kv_cache_tokens=256, max_num_batched_tokens=8, max_num_seqs=4, block_size=4))
+    outs: dict[str, list] = {}
+    reqs = [Request(f"r{i}", list(range(3, 3 + 20)), SamplingParams(max_tokens=30, ignore_eos=True),
+                    "x" if i % 2 else None) for i in range(3)]
+    for r in reqs:
+        r.on_output = outs.setdefault(r.request_id, []).append
+        engine.add_request(r)
+    engine.step()  # r0 prefilling (chunked), others waiting
+    assert engine.abort("r2")  # waiting
+    engine.step()
+    engine.step()
+    assert engine.abort("r0")  # running
+    assert not engine.abort("r0")  # already gone
+    engine.run_until_done()
+    assert outs["r0"][-1].finish_reason is FinishReason.ABORT and outs["r2"][-1].finish_reason is FinishReason.ABORT
+    assert outs["r1"][-1].finish_reason is FinishReason.LENGTH
+    assert engine.allocator.num_free == engine.allocator.num_blocks - 1
+    assert engine.adapters.refcount["x"] == 0
+    assert not engine.requests
+
+
+def test_requests_that_can_never_run_are_refused(loaded):
+    engine = Engine(loaded.model, loaded.tokenizer, config=EngineConfig(kv_cache_tokens=64, block_size=16))
+    with pytest.raises(RequestError, match="maximum context length"):
+        engine.check_request(250, 10, None)
+    with pytest.raises(RequestError, match="KV cache"):
+        engine.check_request(60, 10, None)
+    with pytest.raises(RequestError, match="empty"):
+        engine.check_request(0, 10, None)
+    with pytest.raises(UnknownAdapterError, match="'nope' is not registered"):
+        engine.check_request(5, 5, "nope")
+
+
+class SlowPager(StaticAdapters):
+    """Adapter "late" reaches its GPU slot only after a few steps, as a registry page-in would."""
+
+    def __init__(self, *args, delay_steps: int = 4, **kw):
+        super().__init__(*args, **kw)
+        self.steps, self.delay = 0, delay_steps
+        self.active: dict[str, int] = {}
+
+    def between_steps(self):
+        self.steps += 1
+
+    def activate(self, handle):
+        if handle == "late" and self.steps < self.delay:
+            return None
+        self.active[handle] = self.active.get(handle, 0) + 1
+        return super().activate(handle)
+
+    def deactivate(self, handle):
+        self.active[handle] -= 1
+
+
+def test_request_waiting_for_its_adapter_does_not_hold_up_others(loaded):
+    pager = SlowPager(loaded.model, {"late": Adapter(loaded.model, 1), "now": Adapter(loaded.model, 2)})
+    engine = Engine(loaded.model, loaded.tokenizer, pager, EngineConfig(kv_cache_tokens=256))
+    first_token_step = {}
+    reqs = [Request("late", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True), "late"),
+            Request("now", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True), "now"),
+            Request("base", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))]
+    for r in reqs:
+        r.on_output = lambda out, r=r: first_token_step.setdefault(r.request_id, pager.steps)
+        engine.add_request(r)
+    engine.run_until_done()
+    assert first_token_step["now"] == first_token_step["base"] == 1
+    assert first_token_step["late"] >= pager.delay
+    assert pager.active == {"late": 0, "now": 0}
+
+
+def test_async_engine_streams_and_cancels(loaded):
+    engine = Engine(loaded.model, loaded.tokenizer, config=EngineConfig(kv_cache_tokens=256))
+    async_engine = AsyncEngine(engine).start()
+
+    async def main():
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        outs = [o async for o in async_engine.generate("a", [5, 6, 7], params)]
+        assert len(tokens_of(outs)) == 6 and outs[-1].finished
+
+        # a consumer that stops early (client gone) aborts its request
+        stream = async_engine.generate("b", [5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        for _ in range(200):
+            if not await async_engine.call(lambda: bool(engine.requests)):
+                break
+            await asyncio.sleep(0.01)
+        assert not engine.requests
+        assert await async_engine.call(lambda: engine.allocator.num_free) == engine.allocator.num_blocks - 1
+
+        with pytest.raises(RequestError):
+            async for _ in async_engine.generate("c", [5] * 300, params):
+                pass
+
+        # concurrent requests all complete
+        async def one(i):
+            return [o async for o in async_engine.generate(f"c{i}", [5 + i, 6], params)]
+        results = await asyncio.gather(*(one(i) for i in range(5)))
+        assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results)
+
+    try:
+        asyncio.run(main())
+    finally:
+        async_engine.shutdown()
+    assert not async_engine.running
+
+
+def test_failed_step_fails_its_requests_and_engine_keeps_going(loaded, monkeypatch):
+    engine = Engine(loaded.model, loaded.tokenizer, config=EngineConfig(kv_cache_tokens=256))
+    async_engine = AsyncEngine(engine).start()
+    real_run = engine.runner.run
+    calls = {"n": 0}
+
+    def flaky(sched):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real_run(sched)
+    monkeypatch.setattr(engine.runner, "run", flaky)
+
+    async def main():
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        first = [o async for o in async_engine.generate("x", [5, 6], params)]
+        assert first[-1].finish_reason is FinishReason.ERROR and "boom" in first[-1].error
+        second = [o async for o in async_engine.generate("y", [5, 6], params)]
+        assert second[-1].finish_reason is FinishReason.LENGTH
+
+    try:
+        asyncio.run(main())
+    finally:
+        async_engine.shutdown()
+    assert engine.allocator.num_free == engine.allocator.num_blocks - 1
