@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..model.llama import CausalLM
 from .adapters import AdapterProvider, UnknownAdapterError
+from .cuda_graphs import DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockAllocator, KVCache, blocks_for_memory
 from .request import FinishReason, Request, RequestOutput, Status
@@ -32,6 +33,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = None   # KV capacity in tokens; None = from memory_fraction (CUDA)
     memory_fraction: float = 0.90        # of GPU memory for weights + adapters + KV cache
     max_model_len: int | None = None     # None = the model's own limit
+    cuda_graph_max_batch: int = 256      # decode steps up to this batch replay CUDA graphs; 0 = off
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -69,7 +71,11 @@ class Engine:
         self.allocator = BlockAllocator(num_blocks, bs)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
                                    self.allocator, adapters)
-        self.runner = ModelRunner(model, bs)
+        graphs = None
+        if model.device.type == "cuda" and config.cuda_graph_max_batch > 0:
+            graphs = DecodeGraphs(model, min(config.cuda_graph_max_batch, config.max_num_seqs),
+                                  max_blocks=-(-self.max_model_len // bs))
+        self.runner = ModelRunner(model, bs, graphs)
         self.requests: dict[str, Request] = {}
         self.last_step: ScheduledStep | None = None
         log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks - 1, bs, self.allocator.capacity_tokens)

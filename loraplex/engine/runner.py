@@ -7,15 +7,17 @@ import torch
 from ..kernels.lora import BatchMeta
 from ..model.llama import CausalLM
 from ..model.step import PrefillChunk, StepMeta
+from .cuda_graphs import DecodeGraphs
 from .request import Request
 from .scheduler import ScheduledStep
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, block_size: int):
+    def __init__(self, model: CausalLM, block_size: int, graphs: DecodeGraphs | None = None):
         self.model = model
         self.block_size = block_size
         self.device = model.device
+        self.graphs = graphs  # replays decode-only steps when set (CUDA)
 
     def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
@@ -80,5 +82,21 @@ class ModelRunner:
 
     def run(self, sched: ScheduledStep) -> tuple[torch.Tensor, list[Request]]:
         """Logits [len(sampled), V] fp32 for the requests that get a new token this step."""
+        if self.graphs is not None and not sched.prefills and len(sched.decodes) <= self.graphs.max_batch:
+            return self._replay(sched.decodes), sched.decodes
         input_ids, step, sampled = self.prepare(sched)
         return self.model(input_ids, step), sampled
+
+    def _replay(self, decodes: list[Request]) -> torch.Tensor:
+        width = max(len(r.block_table) for r in decodes)
+        pos = [r.num_tokens - 1 for r in decodes]
+        return self.graphs.run(
+            input_ids=self._to_device([r.all_ids[-1] for r in decodes], torch.int64),
+            positions=self._to_device(pos, torch.int64),
+            slot_mapping=self._to_device([r.block_table[p // self.block_size] * self.block_size + p % self.block_size
+                                          for r, p in zip(decodes, pos)], torch.int64),
+            lora_slots=self._to_device([r.lora_slot for r in decodes], torch.int32),
+            block_tables=self._to_device([b for r in decodes for b in r.block_table + [0] * (width - len(r.block_table))],
+                                         torch.int32).view(len(decodes), width),
+            seq_lens=self._to_device([r.num_tokens for r in decodes], torch.int32),
+        )

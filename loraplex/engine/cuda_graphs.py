@@ -1,0 +1,110 @@
+"""CUDA graphs for decode-only steps: at batch 1 a 7B decode step is ~450 kernel launches of a
+few microseconds each, so launch overhead alone would rival the ~1.2 ms weight-read floor.
+
+One graph per padded batch size, captured at start-up over static input buffers. A step with
+B decode tokens copies its inputs into the buffers, pads up to the next captured size (padding
+rows write their keys and values to the scratch block 0, attend one position there and use no
+adapter) and replays. Everything inside (NF4 matmul plans, the LoRA tile list, attention
+splits) is sized from shapes only, which is what makes the steps capturable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..kernels.lora import BatchMeta
+from ..model.llama import CausalLM
+from ..model.step import StepMeta
+
+log = logging.getLogger("loraplex.engine")
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class DecodeGraphs:
+    def __init__(self, model: CausalLM, max_batch: int, max_blocks: int, capture: bool = True):
+        """`capture=False` runs the same padded static-buffer path eagerly (CPU tests)."""
+        self.model = model
+        dev = model.device
+        self.sizes = sorted({b for b in BATCH_SIZES if b < max_batch} | {max_batch})
+        n = self.sizes[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.lora_slots = torch.full((n,), -1, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.rows = torch.arange(n, dtype=torch.int64, device=dev)
+        self.captured = capture
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._state = self._bound_state()
+        if capture:
+            self._capture()
+
+    def _bound_state(self) -> tuple:
+        """Identity of the tensors a graph bakes in: adapter stacks and KV cache."""
+        first = self.model.layers[0].self_attn
+        stack = first.qkv_proj.lora
+        return id(first.k_cache), id(stack.a) if stack is not None else None
+
+    @property
+    def max_batch(self) -> int:
+        return self.sizes[-1]
+
+    def _forward(self, b: int) -> torch.Tensor:
+        positions = self.positions[:b]
+        cos, sin = self.model.rope(positions)
+        lora = BatchMeta.build(self.lora_slots[:b], self.model.lora_slots) if self.model.lora_slots else None
+        step = StepMeta(positions=positions, slot_mapping=self.slot_mapping[:b], cos=cos, sin=sin, prefills=[],
+                        decode_start=0, decode_block_tables=self.block_tables[:b], decode_seq_lens=self.seq_lens[:b],
+                        lora=lora, logits_rows=self.rows[:b])
+        return self.model(self.input_ids[:b], step)
+
+    def _capture(self) -> None:
+        started = time.perf_counter()
+        # Warm every size first (Triton compiles, plans, split-K workspaces reach full size),
+        # then capture largest first so the smaller graphs reuse its memory pool.
+        for b in self.sizes:
+            self._forward(b)
+        torch.cuda.synchronize()
+        pool = None
+        for b in reversed(self.sizes):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[b] = self._forward(b)
+            pool = graph.pool()
+            self.graphs[b] = graph
+        torch.cuda.synchronize()
+        log.info("captured %d decode graphs (batch 1..%d) in %.1fs", len(self.sizes), self.max_batch,
+                 time.perf_counter() - started)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+            lora_slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] of B decode tokens (B <= max_batch). The result is a view of a static
+        buffer: consume it before the next call."""
+        if self._bound_state() != self._state:
+            raise RuntimeError("the model's adapter slots or KV cache were re-allocated after the decode graphs "
+                               "were captured; create a new Engine")
+        b = input_ids.shape[0]
+        size = next(s for s in self.sizes if s >= b)
+        self.input_ids[:b].copy_(input_ids, non_blocking=True)
+        self.positions[:b].copy_(positions, non_blocking=True)
+        self.slot_mapping[:b].copy_(slot_mapping, non_blocking=True)
+        self.lora_slots[:b].copy_(lora_slots, non_blocking=True)
+        self.block_tables[:b].zero_()
+        self.block_tables[:b, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
+        self.seq_lens[:b].copy_(seq_lens, non_blocking=True)
+        if size > b:  # padding rows: scratch block 0, one position, no adapter
+            self.slot_mapping[b:size].zero_()
+            self.positions[b:size].zero_()
+            self.lora_slots[b:size].fill_(-1)
+            self.block_tables[b:size].zero_()
+            self.seq_lens[b:size].fill_(1)
+        if not self.captured:
+            return self._forward(size)[:b]
+        self.graphs[size].replay()
+        return self.outputs[size][:b]
