@@ -41,7 +41,7 @@ class ModelRunner:
         chunks: list[tuple[int, int, int, list[int]]] = []
         for req, n in sched.prefills:
             start, first = len(ids), req.num_computed
-            ids += req.all_ids[first: first + n]
+            ids += (req.all_ids if first + n > len(req.prompt_ids) else req.prompt_ids)[first: first + n]
             positions += range(first, first + n)
             rows += self._rows(req.block_table, first, first + n)
             lora_slots += [req.lora_slot] * n
@@ -55,7 +55,7 @@ class ModelRunner:
         for req in sched.decodes:
             pos = req.num_tokens - 1
             logits_rows.append(len(ids))
-            ids.append(req.all_ids[-1])
+            ids.append(req.last_token)
             positions.append(pos)
             rows += self._rows(req.block_table, pos, pos + 1)
             lora_slots.append(req.lora_slot)
@@ -91,7 +91,7 @@ class ModelRunner:
         width = max(len(r.block_table) for r in decodes)
         pos = [r.num_tokens - 1 for r in decodes]
         return self.graphs.run(
-            input_ids=self._to_device([r.all_ids[-1] for r in decodes], torch.int64),
+            input_ids=self._to_device([r.last_token for r in decodes], torch.int64),
             positions=self._to_device(pos, torch.int64),
             slot_mapping=self._to_device([r.block_table[p // self.block_size] * self.block_size + p % self.block_size
                                           for r, p in zip(decodes, pos)], torch.int64),
