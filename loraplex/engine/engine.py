@@ -62,7 +62,8 @@ class Engine:
         if config.kv_cache_tokens is not None:
             num_blocks = -(-config.kv_cache_tokens // bs) + 1  # + the scratch block
         elif model.device.type == "cuda":
-            reserve = config.max_num_batched_tokens * model.config.hidden_size * 64  # activations, roughly
+            # activations of the largest step, roughly, and never less than 1 GiB (scratch, graphs)
+            reserve = max(1 << 30, config.max_num_batched_tokens * model.config.hidden_size * 64)
             num_blocks = blocks_for_memory(model.config, model.dtype, model.device, config.memory_fraction, bs, reserve)
         else:
             num_blocks = -(-min(config.max_num_seqs, 16) * self.max_model_len // bs) + 1
