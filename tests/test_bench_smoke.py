@@ -49,3 +49,31 @@ def test_lora_bench_smoke(tmp_path):
     side = report["side_by_side"]
     assert side["us_nf4"] > 0 and side["us_nf4_lora"] > 0 and side["graph"] is None
     assert any(t["label"].startswith("(c)") for t in report["targets"])
+
+
+def test_e2e_bench_smoke(tmp_path):
+    out = tmp_path / "e2e.json"
+    result = _run_smoke("e2e.py", out)
+    assert "ours tok/s" in result.stdout and "batch 1 decode" in result.stdout
+    assert "byte floor of a decode step" in result.stdout and "targets" in result.stdout
+    report = json.loads(out.read_text())
+    args, runs = report["args"], report["ours"]["runs"]
+    # a base-model run, then 1 adapter (uniform only: zipf would be the same batch), 4 and 8 (both)
+    assert [(r["adapters"], r["dist"]) for r in runs] == [
+        (0, "base"), (1, "uniform"), (4, "uniform"), (4, "zipf"), (8, "uniform"), (8, "zipf")]
+    streams = args["streams"]
+    assert all(r["tokens"] == streams * args["gen_len"] and r["tok_s"] > 0 for r in runs)
+    assert all(r["decode_ms"] > 0 and r["floor_ms"] > 0 and r["preemptions"] == 0 for r in runs)
+    assert all(0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] for r in runs)
+    # round robin uses min(adapters, streams) of them; Zipf at most that many
+    assert all(r["present"] == min(r["adapters"], streams) if r["dist"] != "zipf"
+               else 1 <= r["present"] <= min(r["adapters"], streams) for r in runs)
+    assert report["ours"]["batch1"]["ms_per_token"] > 0
+    base = report["baseline"]
+    assert "error" not in base, base["error"]
+    if "skipped" not in base:  # bitsandbytes 4-bit and PEFT run on CPU for the tiny model
+        assert [(c["adapters"], c["dist"]) for c in base["cases"]] == [
+            (0, "base"), (1, "uniform"), (4, "uniform")]
+        assert all(c["tok_s"] > 0 for c in base["cases"]) and base["batch1_ms_per_token"] is not None
+        assert 0 <= base["first_token_agreement"] <= streams  # informative (bf16 near-ties may differ)
+    assert len(report["targets"]) == 4 and all(t["verdict"] in ("PASS", "FAIL") for t in report["targets"])

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # Rope variants whose frequencies do not depend on the running length (those we precompute).
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -49,7 +50,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf) -> ModelConfig:
-        arch = (getattr(hf, "architectures", None) or ["?"])[0]
+        arch = (getattr(hf, "architectures", None) or [_BY_MODEL_TYPE.get(getattr(hf, "model_type", None), "?")])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture {arch} is not supported; loraplex serves {', '.join(SUPPORTED_ARCHITECTURES)}")
