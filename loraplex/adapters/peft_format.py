@@ -44,6 +44,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+# Same list as loraplex.model.config.LINEAR_NAMES, kept here so adapters/ does not depend on model/.
 LINEAR_NAMES = (
     "self_attn.q_proj",
     "self_attn.k_proj",

@@ -26,18 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..kernels.nf4 import NF4FormatError, NF4Weight, dequantize_nf4, quantize_nf4
+from .config import LINEAR_NAMES, SUPPORTED_ARCHITECTURES
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-LINEAR_NAMES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 LAYER_NORM_NAMES = ("input_layernorm.weight", "post_attention_layernorm.weight")
 EMBED_NAME = "model.embed_tokens.weight"
 NORM_NAME = "model.norm.weight"

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# The linears of a decoder layer, by their Hugging Face names.
+LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # Rope variants whose frequencies do not depend on the running length (those we precompute).
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -42,11 +45,8 @@ class ModelConfig:
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(out_features, in_features) of every linear of a decoder layer, by HF name."""
         h, i = self.hidden_size, self.intermediate_size
-        return {
-            "self_attn.q_proj": (self.q_size, h), "self_attn.k_proj": (self.kv_size, h),
-            "self_attn.v_proj": (self.kv_size, h), "self_attn.o_proj": (h, self.q_size),
-            "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i),
-        }
+        shapes = [(self.q_size, h), (self.kv_size, h), (self.kv_size, h), (h, self.q_size), (i, h), (i, h), (h, i)]
+        return dict(zip(LINEAR_NAMES, shapes))
 
     @classmethod
     def from_hf(cls, hf) -> ModelConfig:
