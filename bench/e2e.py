@@ -4,7 +4,8 @@ NF4 model, against transformers + PEFT + bitsandbytes, in one run.
 Workload: Llama-2-7B's shapes with random weights (built from a LlamaConfig, no download:
 each layer is drawn on the device in bf16 and quantized to NF4 there, one layer at a time),
 64 concurrent streams of 128-token random prompts, 128 generated tokens each (greedy,
-ignore_eos), each stream on a random rank-16 adapter (scaling 2) on all seven linears.
+ignore_eos), each stream on a random rank-16 adapter (scaling 2) on all seven linears (`--targets qv`:
+q and v only, PEFT's default for Llama).
 
 1. throughput   every stream submitted at once, `engine.step()` until done: generated tokens
                 over the wall time from submission to the last token, with 1, 8, 64 and 256
@@ -141,13 +142,19 @@ def synthetic_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+TARGETS = {  # --targets: which linears the random adapters (ours and the baseline's) adapt
+    "all": LINEAR_NAMES,
+    "qv": ("self_attn.q_proj", "self_attn.v_proj"),  # PEFT's default for Llama models
+}
+
+
 class RandomAdapter:
-    """Rank-16 LoRA on all seven linears of every layer. `.modules` is drawn on the device when
+    """Rank-16 LoRA on the chosen linears of every layer. `.modules` is drawn on the device when
     read (StaticAdapters reads it once, into the adapter's slot), so only one adapter's A and B
     exist outside the slots at any time."""
 
-    def __init__(self, config, index: int, device: torch.device):
-        self.config, self.index, self.device = config, index, device
+    def __init__(self, config, index: int, device: torch.device, targets: tuple[str, ...] = LINEAR_NAMES):
+        self.config, self.index, self.device, self.targets = config, index, device, targets
 
     @property
     def modules(self) -> dict[str, ModuleLoRA]:
@@ -155,15 +162,18 @@ class RandomAdapter:
         out = {}
         for i in range(self.config.num_hidden_layers):
             for name, (n, k) in ModelConfig.from_hf(self.config).linear_shapes.items():
+                if name not in self.targets:
+                    continue
                 a = torch.randn(RANK, k, generator=gen, device=self.device, dtype=DTYPE) / math.sqrt(k)
                 b = torch.randn(n, RANK, generator=gen, device=self.device, dtype=DTYPE) * 0.01
                 out[f"layers.{i}.{name}"] = ModuleLoRA(a, b, ALPHA / RANK)
         return out
 
 
-def adapter_bytes(mc: ModelConfig) -> int:
-    """A and B of one rank-16 adapter on all linears in bf16 (what one slot holds)."""
-    return mc.num_layers * RANK * sum(n + k for n, k in mc.linear_shapes.values()) * 2
+def adapter_bytes(mc: ModelConfig, targets: tuple[str, ...] = LINEAR_NAMES) -> int:
+    """A and B of one rank-16 adapter on `targets` in bf16 (what one step reads of it; a slot
+    reserves room for all linears)."""
+    return mc.num_layers * RANK * sum(n + k for name, (n, k) in mc.linear_shapes.items() if name in targets) * 2
 
 
 def plan_slots(want: int, model, mc: ModelConfig, kv_tokens: int, device: torch.device) -> tuple[int, str]:
@@ -245,13 +255,14 @@ def run_streams(engine: Engine, prompts: list[list[int]], names: list[str | None
                 first_tokens=[first[r.request_id][1] for r in reqs])
 
 
-def floor_bytes(model, mc: ModelConfig, present: int, streams: int, context: int) -> dict[str, int]:
+def floor_bytes(model, mc: ModelConfig, present: int, streams: int, context: int,
+                targets: tuple[str, ...] = LINEAR_NAMES) -> dict[str, int]:
     """Bytes one decode step of `streams` tokens moves at least (see the module docstring)."""
     h = mc.hidden_size
     return dict(nf4_linears=sum(m.resident_bytes() for m in model.linears().values()),
                 lm_head=model.lm_head_weight.numel() * 2,
                 embed_rows_norms=streams * h * 2 + (2 * mc.num_layers + 1) * h * 2,
-                adapters=present * adapter_bytes(mc),
+                adapters=present * adapter_bytes(mc, targets),
                 kv_read=streams * context * kv_bytes_per_token(mc, DTYPE))
 
 
@@ -267,7 +278,7 @@ def run_ours(args, cfg, device: torch.device, copy_bw: float, sync) -> dict:
     slots, mem_line = plan_slots(max(args.adapters), model, mc, kv_tokens, device)
     print(mem_line, flush=True)
     counts = sorted({min(n, slots) for n in args.adapters})
-    pool = {f"a{i}": RandomAdapter(cfg, i, device) for i in range(slots)}
+    pool = {f"a{i}": RandomAdapter(cfg, i, device, TARGETS[args.targets]) for i in range(slots)}
     adapters = StaticAdapters(model, pool, slots, RANK)
     engine = Engine(model, synthetic_tokenizer(mc.vocab_size), adapters,
                     EngineConfig(max_num_seqs=args.streams, kv_cache_tokens=kv_tokens,
@@ -286,7 +297,8 @@ def run_ours(args, cfg, device: torch.device, copy_bw: float, sync) -> dict:
         idx = assign(args.streams, n, dist) if n else []
         names = [f"a{i}" for i in idx] if n else [None] * args.streams
         r = run_streams(engine, prompts, names, args.gen_len, sync)
-        fb = floor_bytes(model, mc, len(set(idx)), args.streams, args.prompt_len + args.gen_len // 2)
+        fb = floor_bytes(model, mc, len(set(idx)), args.streams, args.prompt_len + args.gen_len // 2,
+                         TARGETS[args.targets])
         floor_ms = 1e3 * sum(fb.values()) / copy_bw
         runs.append(dict(adapters=n, dist=dist, present=len(set(idx)), **r, floor_bytes=fb, floor_ms=floor_ms,
                          step_over_floor=r["decode_ms"] and r["decode_ms"] / floor_ms))
@@ -298,7 +310,8 @@ def run_ours(args, cfg, device: torch.device, copy_bw: float, sync) -> dict:
     print(f"  ours batch 1 (adapter a0, {slots} loaded): {fmt(b1['decode_ms'], '.3f')} ms/token", flush=True)
     info = dict(slots=slots, memory=mem_line, kv_cache_tokens=engine.allocator.capacity_tokens,
                 cuda_graphs=graphs, max_num_batched_tokens=engine.config.max_num_batched_tokens,
-                adapter_bytes=adapter_bytes(mc), kv_bytes_per_token=kv_bytes_per_token(mc, DTYPE))
+                adapter_bytes=adapter_bytes(mc, TARGETS[args.targets]),
+                kv_bytes_per_token=kv_bytes_per_token(mc, DTYPE))
     del engine, adapters, model
     return dict(info=info, runs=runs, batch1=dict(ms_per_token=b1["decode_ms"], step_ms=b1["step_ms"]))
 
@@ -380,7 +393,7 @@ def run_baseline(args, cfg, device: torch.device, sync, result: dict) -> None:
     hf_generate(model, prompts, None, 2, sync)  # warm-up
     case(model, 0, "base", None)
     lcfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, init_lora_weights=False,  # random A and B
-                      target_modules=[n.split(".")[1] for n in LINEAR_NAMES])
+                      target_modules=[n.split(".")[1] for n in TARGETS[args.targets]])
     peft_model = get_peft_model(model, lcfg, adapter_name="a0", autocast_adapter_dtype=False)
     for i in range(1, loaded):
         peft_model.add_adapter(f"a{i}", lcfg)
@@ -526,6 +539,8 @@ def parse_args(argv: list[str] | None = None):
                    help="stream -> adapter: uniform (round robin) and/or zipf")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV cache capacity in tokens (default streams * (prompt + gen + 16))")
+    p.add_argument("--targets", choices=list(TARGETS), default="all",
+                   help="linears the adapters adapt: all seven (default) or q/v only (PEFT's Llama default)")
     p.add_argument("--skip-baseline", action="store_true", help="skip transformers + PEFT + bitsandbytes")
     p.add_argument("--baseline-tokens", type=int, default=None,
                    help="tokens the (slow) baseline generates per stream (default 32; smoke 4)")
