@@ -1,11 +1,13 @@
-"""Static report on the NF4, LoRA and attention kernels as compiled for Hopper (sm_90), no GPU needed.
+"""Static report on the NF4, LoRA, attention and fused kernels as compiled for Hopper (sm_90), no GPU needed.
 
 Compiles each kernel ahead of time with Triton for `cuda:90`, disassembles the cubin with
 the `cuobjdump` bundled with Triton, and prints per plan: registers, spills, shared memory,
 and the instruction mix of the innermost loop per iteration and per weight byte (global
 loads by width, shared-memory traffic and barriers, shuffles, FMAs, tensor-core MMAs).
 Narrow byte loads, layout conversions through shared memory in the loop, and spills show
-up here before any GPU time is spent.
+up here before any GPU time is spent. The fused elementwise kernels (add + RMSNorm, SiLU *
+up, rotary + KV write) have no loop: their counts are over the whole kernel, and /B per byte
+a thread reads or writes.
 
     python bench/sass_report.py                 # default plans for Llama-2-7B shapes
     python bench/sass_report.py --dump DIR      # also keep SASS/TTGIR per plan
@@ -31,6 +33,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from loraplex.kernels import attention as attn  # noqa: E402
+from loraplex.kernels import fused  # noqa: E402
 from loraplex.kernels import lora  # noqa: E402
 from loraplex.kernels import nf4_matmul as mm  # noqa: E402
 from loraplex.kernels import runtime  # noqa: E402
@@ -104,6 +107,64 @@ def compile_attention(plan: mm.Plan):
                           options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
 
 
+FUSED_SIGNATURE = {  # the three fused kernels; names not in a kernel's parameters are ignored
+    "x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "new_res_ptr": "*bf16",
+    "stride_x": "i32", "stride_res": "i32", "H": "i32", "eps": "fp32", "I": "i32",
+    "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
+    "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "slot_ptr": "*i64", "q_out_ptr": "*bf16",
+    "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32",
+    "stride_vh": "i32", "stride_cos": "i32", "stride_sin": "i32", "Hq": "i32", "Hkv": "i32",
+}
+# Integer arguments that are multiples of 16 for Llama-7B (H 4096, I 11008, fused qkv rows,
+# D 128); Hkv is not (8).
+FUSED_ALIGNED = ("stride_x", "stride_res", "H", "I", "stride_qt", "stride_qh", "stride_kt", "stride_kh",
+                 "stride_vt", "stride_vh", "stride_cos", "stride_sin", "Hq")
+FUSED_HQ, FUSED_D = 32, 128  # Llama-7B rotary: 32 query heads of 128; plan.block_m is Hkv
+
+
+def fused_launch(plan: mm.Plan) -> tuple[dict, int]:
+    """Constexprs and warps `fused.py` launches a fused kernel with: plan.block_n is H for
+    the norm, I for silu_mul; plan.block_m is Hkv for rope_write_kv."""
+    if plan.kind == "fused_add_rms_norm":
+        block, warps = fused.norm_config(plan.block_n)
+        return dict(HAS_RESIDUAL=True, BLOCK=block, EXACT_BF16=False), warps
+    if plan.kind == "fused_silu_mul":
+        block, warps = fused.silu_config(plan.block_n)
+        return dict(BLOCK=block, EXACT_BF16=False), warps
+    block_h, block_half, warps = fused.rope_config(FUSED_D, FUSED_HQ, plan.block_m)
+    return dict(D=FUSED_D, BLOCK_HALF=block_half, BLOCK_H=block_h, EXACT_BF16=False), warps
+
+
+def fused_bytes_per_thread(plan: mm.Plan) -> float:
+    """Bytes one thread reads or writes, on average over the programs of one row / token."""
+    constexprs, warps = fused_launch(plan)
+    if plan.kind == "fused_add_rms_norm":  # x, residual, weight in; normed, new residual out
+        return 5 * 2 * plan.block_n / (32 * warps)
+    if plan.kind == "fused_silu_mul":  # gate, up in; out
+        programs = -(-plan.block_n // constexprs["BLOCK"])
+        return 3 * 2 * plan.block_n / (programs * 32 * warps)
+    hkv, block_h = plan.block_m, constexprs["BLOCK_H"]
+    programs = -(-FUSED_HQ // block_h) + -(-hkv // block_h)
+    # q in and out, k in and out, v in and out, and cos and sin per program
+    moved = 2 * 2 * FUSED_D * (FUSED_HQ + 2 * hkv) + programs * 2 * 2 * FUSED_D
+    return moved / (programs * 32 * warps)
+
+
+def compile_fused(plan: mm.Plan):
+    """Compile a fused elementwise kernel for sm_90 as `fused.py` launches it (bf16)."""
+    kernel = {"fused_add_rms_norm": fused._add_rms_norm_kernel, "fused_silu_mul": fused._silu_mul_kernel,
+              "fused_rope_write_kv": fused._rope_write_kv_kernel}[plan.kind]
+    constexprs, warps = fused_launch(plan)
+    params = kernel.arg_names
+    signature = {name: FUSED_SIGNATURE[name] for name in params if name not in constexprs}
+    signature.update({name: "constexpr" for name in constexprs})
+    aligned = [n for n in signature if signature[n].startswith("*") or n in FUSED_ALIGNED]
+    attrs = {(params.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, enable_fp_fusion=False))
+
+
 def compile_plan(plan: mm.Plan):
     """Compile one plan's kernel for sm_90; plan.kind 'dequant' is the cublas path's kernel."""
     kernel = {"gemv": mm._nf4_gemv_kernel, "gemm": mm._nf4_gemm_kernel, "dequant": mm._nf4_dequant_kernel}[plan.kind]
@@ -165,6 +226,8 @@ def report(plan: mm.Plan, dump: Path | None) -> dict:
         compiled = compile_lora(plan.kind, plan.split_k)
     elif plan.kind.startswith("attention"):
         compiled = compile_attention(plan)
+    elif plan.kind.startswith("fused"):
+        compiled = compile_fused(plan)
     else:
         compiled = compile_plan(plan)
     cubin = Path("/tmp") / f"loraplex_{os.getpid()}.cubin"
@@ -180,14 +243,16 @@ def report(plan: mm.Plan, dump: Path | None) -> dict:
         (dump / f"{stem}.ttgir").write_text(compiled.asm["ttgir"])
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     spill = int(re.search(r"LOCAL:(\d+)", usage).group(1))
-    loop = opcode_mix(innermost_loop(sass.splitlines()))
+    straight = plan.kind.startswith("fused")  # no loop: count the whole kernel
+    loop = opcode_mix(sass.splitlines() if straight else innermost_loop(sass.splitlines()))
     # weight bytes one program reads per loop iteration
     code_bytes = {"dequant": 64 * 32, "lora_shrink": 16 * 256 * 2, "lora_expand": 128 * 16 * 2,
                   "attention": 2 * plan.block_n * ATTENTION_D * 2}.get(  # attention: a K and a V tile
         plan.kind, plan.block_n * plan.block_k // 2)
     threads = 32 * plan.num_warps
+    per_thread = fused_bytes_per_thread(plan) if straight else code_bytes / threads
     return dict(plan=plan, regs=regs, local=spill, shared=compiled.metadata.shared, loop=loop,
-                per_thread_bytes=code_bytes / threads)
+                per_thread_bytes=per_thread)
 
 
 def default_plans() -> list[mm.Plan]:
@@ -203,6 +268,13 @@ def default_plans() -> list[mm.Plan]:
     plans |= {mm.Plan("attention", block_m=g, block_n=block_n, split_k=s, **warps)
               for g in (1, 4) for s in (1, 8)}
     plans |= {mm.Plan("attention_combine", block_n=0, split_k=8, num_warps=attn.NUM_WARPS)}
+    # fused elementwise ops, Llama-7B (H 4096, I 11008, Hq 32, Hkv 8 or 32, D 128) and the
+    # norm of a 70B (H 8192); plan.num_warps is what fused.py launches with
+    plans |= {mm.Plan("fused_add_rms_norm", block_n=h, num_warps=fused.norm_config(h)[1])
+              for h in (4096, 8192)}
+    plans |= {mm.Plan("fused_silu_mul", block_n=11008, num_warps=fused.silu_config(11008)[1])}
+    plans |= {mm.Plan("fused_rope_write_kv", block_m=hkv, block_n=0,
+                      num_warps=fused.rope_config(FUSED_D, FUSED_HQ, hkv)[2]) for hkv in (8, 32)}
     return sorted(plans, key=lambda p: (p.kind, p.block_m, p.block_n, p.block_k, p.split_k))
 
 
@@ -231,6 +303,13 @@ def main() -> None:
             name = f"attention G{plan.block_m} n{plan.block_n} d{ATTENTION_D} s{plan.split_k} w{plan.num_warps}"
         elif plan.kind == "attention_combine":
             name = f"attention_combine d{ATTENTION_D} s{plan.split_k}"
+        elif plan.kind == "fused_add_rms_norm":
+            name = f"fused add_rms_norm H{plan.block_n} w{plan.num_warps} (whole kernel)"
+        elif plan.kind == "fused_silu_mul":
+            name = f"fused silu_mul I{plan.block_n} w{plan.num_warps} (whole kernel)"
+        elif plan.kind == "fused_rope_write_kv":
+            name = (f"fused rope_write_kv Hq{FUSED_HQ} Hkv{plan.block_m} d{FUSED_D} w{plan.num_warps} "
+                    "(whole kernel)")
         else:
             name = f"{plan.kind} {plan.block_m}x{plan.block_n}x{plan.block_k} s{plan.split_k} w{plan.num_warps}"
         loop = r["loop"]

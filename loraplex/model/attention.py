@@ -10,13 +10,6 @@ from ..kernels.attention import paged_decode_attention
 from .step import StepMeta
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store this step's keys and values ([T, Hkv, D]) at their cache rows."""
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
-
-
 def _prefill_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                    context_len: int, scale: float) -> torch.Tensor:
     """q [n, Hq, D] at positions context_len .. context_len+n-1; keys and values of every

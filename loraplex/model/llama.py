@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.fused import add_rms_norm, rope_write_kv, silu_mul
 from ..kernels.lora import BatchMeta
-from .attention import paged_attention, write_kv
+from .attention import paged_attention
 from .config import ModelConfig
-from .layers import QuantLinear, RMSNorm, apply_rope
+from .layers import QuantLinear, RMSNorm
 from .step import StepMeta
 
 # Fused projections: module name in the model -> the HF linears it holds, in output order.
@@ -47,9 +48,10 @@ class Attention(nn.Module):
         c = self.config
         t = x.shape[0]
         q, k, v = self.qkv_proj(x, step.lora).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = apply_rope(q.view(t, c.num_heads, c.head_dim), step.cos, step.sin)
-        k = apply_rope(k.view(t, c.num_kv_heads, c.head_dim), step.cos, step.sin)
-        write_kv(self.k_cache, self.v_cache, k, v.reshape(t, c.num_kv_heads, c.head_dim), step.slot_mapping)
+        # rotate q and k, store k and v in the cache: one launch
+        q = rope_write_kv(q.view(t, c.num_heads, c.head_dim), k.view(t, c.num_kv_heads, c.head_dim),
+                          v.view(t, c.num_kv_heads, c.head_dim), step.cos, step.sin,
+                          self.k_cache, self.v_cache, step.slot_mapping)
         out = paged_attention(q, self.k_cache, self.v_cache, step, self.scale)
         return self.o_proj(out.view(t, c.q_size), step.lora)
 
@@ -61,8 +63,7 @@ class MLP(nn.Module):
         self.down_proj = _fused(weights, "down_proj")
 
     def forward(self, x: torch.Tensor, lora: BatchMeta | None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, lora)
+        return self.down_proj(silu_mul(self.gate_up_proj(x, lora)), lora)
 
 
 class DecoderLayer(nn.Module):
@@ -74,9 +75,13 @@ class DecoderLayer(nn.Module):
                                                 config.rms_norm_eps)
         self.mlp = MLP(config, weights)
 
-    def forward(self, x: torch.Tensor, step: StepMeta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), step)
-        return x + self.mlp(self.post_attention_layernorm(x), step.lora)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step: StepMeta
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is carried separately so that each residual add is fused into
+        the following norm: returns (this layer's MLP output, the stream before adding it)."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, step), residual)
+        return self.mlp(h, step.lora), residual
 
 
 class CausalLM(nn.Module):
@@ -96,10 +101,11 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, step: StepMeta) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, step)
-        x = self.norm(x[step.logits_rows])
+            x, residual = layer(x, residual, step)
+        rows = step.logits_rows
+        x, _ = self.norm(x[rows], None if residual is None else residual[rows])
         return F.linear(x, self.lm_head_weight).float()
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
