@@ -9,7 +9,7 @@ q and v only, PEFT's default for Llama).
 
 1. throughput   every stream submitted at once, `engine.step()` until done: generated tokens
                 over the wall time from submission to the last token, with 1, 8, 64 and 256
-                distinct adapters (stream -> adapter round robin, or Zipf(1) with a fixed
+                distinct adapters (stream -> adapter shuffled round robin, or Zipf(1) with a fixed
                 seed; with 64 streams at most 64 adapters are present, the rest only fill
                 slots) and once on the base model
 2. TTFT         submission to each stream's first output, p50 / p99 (prompts are prefilled
@@ -70,6 +70,7 @@ from loraplex.model.checkpoint import LAYER_NORM_NAMES, LINEAR_NAMES, LayerWeigh
 from loraplex.model.config import ModelConfig  # noqa: E402
 from loraplex.model.llama import build_model  # noqa: E402
 
+from bench import lora as lora_bench  # noqa: E402
 from bench.nf4_matmul import (Target, bench_device, copy_bandwidth, environment, fmt, load_bnb,  # noqa: E402
                               loop_timer, make_bnb_linear, markdown, wall_timer)
 
@@ -206,12 +207,9 @@ def prompts_for(streams: int, prompt_len: int, vocab: int) -> list[list[int]]:
 
 
 def assign(streams: int, n: int, dist: str) -> list[int]:
-    """Adapter index of each stream: round robin, or Zipf(1) (P(i) ~ 1 / (i + 1)), seeded."""
-    if dist == "uniform":
-        return [i % n for i in range(streams)]
-    p = 1.0 / torch.arange(1, n + 1, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(SEED + n)
-    return torch.multinomial(p, streams, replacement=True, generator=gen).tolist()
+    """Adapter index of each stream: every adapter equally often (round robin, shuffled), or
+    Zipf(1) (P(i) ~ 1 / (i + 1)), seeded; the LoRA benchmark's assignment."""
+    return lora_bench.assign(streams, n, dist, zipf_s=1.0, base_every=0, seed=SEED + n)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -536,7 +534,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--adapters", default=None,
                    help="distinct adapter counts (default 1,8,64,256; smoke 1,4,8); a base run is added")
     p.add_argument("--dist", default="uniform,zipf",
-                   help="stream -> adapter: uniform (round robin) and/or zipf")
+                   help="stream -> adapter: uniform (shuffled round robin) and/or zipf")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV cache capacity in tokens (default streams * (prompt + gen + 16))")
     p.add_argument("--targets", choices=list(TARGETS), default="all",

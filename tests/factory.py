@@ -88,3 +88,18 @@ def make_adapter(base_dir: Path, path: Path, name: str, seed: int = 1) -> Path:
             p.data.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     peft_model.save_pretrained(path)
     return path
+
+
+def random_adapter(model, seed: int, rank: int = 4):
+    """A random LoRA adapter (scaling 0.5) on every linear of a loaded loraplex model."""
+    from loraplex.adapters.peft_format import LoRAAdapter, ModuleLoRA
+
+    gen = torch.Generator().manual_seed(seed)
+    modules = {}
+    for path, linear in model.linears().items():
+        layer = path.split(".")[1]
+        for name, w in zip(linear.names, linear.parts):
+            out_f, in_f = w.shape
+            a, b = torch.randn(rank, in_f, generator=gen), torch.randn(out_f, rank, generator=gen)
+            modules[f"layers.{layer}.{name}"] = ModuleLoRA(a, b, 0.5)
+    return LoRAAdapter(modules)

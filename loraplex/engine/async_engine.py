@@ -47,11 +47,8 @@ class AsyncEngine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort what is left and stop the engine thread."""
-        def abort_all():
-            for request_id in list(self.engine.requests):
-                self.engine.abort(request_id)
         if self._thread.is_alive():
-            self._commands.put(abort_all)
+            self._commands.put(self.engine.abort_all)
             self._stop.set()
             self._commands.put(lambda: None)  # wake the thread
             self._thread.join(timeout)
@@ -76,7 +73,7 @@ class AsyncEngine:
                     self.steps += 1
             except Exception as exc:  # a failed step must not take the server down
                 log.error("engine step failed; failing its requests:\n%s", traceback.format_exc())
-                self.engine.fail_all(f"internal error in the engine step: {type(exc).__name__}: {exc}")
+                self.engine.abort_all(FinishReason.ERROR, f"internal error in the engine step: {type(exc).__name__}: {exc}")
 
     def _run(self, command: Callable[[], None]) -> None:
         try:

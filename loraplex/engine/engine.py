@@ -185,10 +185,11 @@ class Engine:
         if req.on_output is not None:
             req.on_output(out)
 
-    def fail_all(self, error: str) -> None:
-        """After an exception in a step: end every request with an error, keep the engine usable."""
+    def abort_all(self, reason: FinishReason = FinishReason.ABORT, error: str | None = None) -> None:
+        """End every request (shutdown; or, with ERROR, after an exception in a step, so the
+        engine stays usable)."""
         for request_id in list(self.requests):
-            self.abort(request_id, FinishReason.ERROR, error)
+            self.abort(request_id, reason, error)
 
     # -- convenience for tests and scripts --------------------------------------------------
 
@@ -198,19 +199,4 @@ class Engine:
                 return
             self.step()
         raise RuntimeError(f"requests still running after {max_steps} steps")
-
-
-def generation_eos_ids(model_dir, tokenizer) -> set[int]:
-    """EOS ids from generation_config.json (Llama 3 lists several) plus the tokenizer's."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    try:
-        from transformers import GenerationConfig
-
-        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    except (OSError, ValueError):
-        pass
-    return ids
 

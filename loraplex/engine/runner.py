@@ -26,8 +26,16 @@ class ModelRunner:
         return t
 
     def _rows(self, table: list[int], start: int, end: int) -> list[int]:
+        """Flat KV cache rows of positions start .. end-1 of a sequence with block `table`."""
         bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _decode_tables(self, decodes: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables [D, widest] int32 (zero-padded) and lengths [D] int32 of decode sequences."""
+        width = max((len(r.block_table) for r in decodes), default=0)
+        tables = [b for r in decodes for b in r.block_table + [0] * (width - len(r.block_table))]
+        return (self._to_device(tables, torch.int32).view(len(decodes), width),
+                self._to_device([r.num_tokens for r in decodes], torch.int32))
 
     def prepare(self, sched: ScheduledStep) -> tuple[torch.Tensor, StepMeta, list[Request]]:
         """Flat batch: prompt chunks first, then decode tokens. Returns input ids, the step's
@@ -50,8 +58,6 @@ class ModelRunner:
                 logits_rows.append(start + n - 1)
                 sampled.append(req)
         decode_start = len(ids)
-        max_blocks = max((len(r.block_table) for r in sched.decodes), default=0)
-        tables: list[int] = []
         for req in sched.decodes:
             pos = req.num_tokens - 1
             logits_rows.append(len(ids))
@@ -59,9 +65,9 @@ class ModelRunner:
             positions.append(pos)
             rows += self._rows(req.block_table, pos, pos + 1)
             lora_slots.append(req.lora_slot)
-            tables += req.block_table + [0] * (max_blocks - len(req.block_table))
             sampled.append(req)
 
+        tables, seq_lens = self._decode_tables(sched.decodes)
         dev_positions = self._to_device(positions, torch.int64)
         cos, sin = self.model.rope(dev_positions)
         lora = None
@@ -73,8 +79,8 @@ class ModelRunner:
             cos=cos, sin=sin,
             prefills=[PrefillChunk(s, n, c, self._to_device(t, torch.int64)) for s, n, c, t in chunks],
             decode_start=decode_start,
-            decode_block_tables=self._to_device(tables, torch.int32).view(len(sched.decodes), max_blocks),
-            decode_seq_lens=self._to_device([r.num_tokens for r in sched.decodes], torch.int32),
+            decode_block_tables=tables,
+            decode_seq_lens=seq_lens,
             lora=lora,
             logits_rows=self._to_device(logits_rows, torch.int64),
         )
@@ -88,15 +94,14 @@ class ModelRunner:
         return self.model(input_ids, step), sampled
 
     def _replay(self, decodes: list[Request]) -> torch.Tensor:
-        width = max(len(r.block_table) for r in decodes)
+        tables, seq_lens = self._decode_tables(decodes)
         pos = [r.num_tokens - 1 for r in decodes]
         return self.graphs.run(
             input_ids=self._to_device([r.last_token for r in decodes], torch.int64),
             positions=self._to_device(pos, torch.int64),
-            slot_mapping=self._to_device([r.block_table[p // self.block_size] * self.block_size + p % self.block_size
-                                          for r, p in zip(decodes, pos)], torch.int64),
+            slot_mapping=self._to_device([row for r, p in zip(decodes, pos) for row in self._rows(r.block_table, p, p + 1)],
+                                         torch.int64),
             lora_slots=self._to_device([r.lora_slot for r in decodes], torch.int32),
-            block_tables=self._to_device([b for r in decodes for b in r.block_table + [0] * (width - len(r.block_table))],
-                                         torch.int32).view(len(decodes), width),
-            seq_lens=self._to_device([r.num_tokens for r in decodes], torch.int32),
+            block_tables=tables,
+            seq_lens=seq_lens,
         )

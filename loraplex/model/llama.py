@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.fused import add_rms_norm, rope_write_kv, silu_mul
+from ..kernels.fused import rope_write_kv, silu_mul
 from ..kernels.lora import BatchMeta
 from .attention import paged_attention
 from .config import ModelConfig

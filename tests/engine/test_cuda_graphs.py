@@ -13,13 +13,12 @@ from loraplex.engine.request import Request
 from loraplex.engine.sampling import SamplingParams
 from loraplex.kernels import runtime
 from loraplex.model.loader import load_model
-from tests.engine.test_engine_behaviour import Adapter
-from tests.factory import make_model
+from tests.factory import make_model, random_adapter
 
 
 def generate(loaded, graphs: str, max_tokens=6):
     """graphs: "off", "eager" (padded buffers, no capture) or "captured"."""
-    adapters = StaticAdapters(loaded.model, {"a": Adapter(loaded.model, 1), "b": Adapter(loaded.model, 2)}, max_rank=4)
+    adapters = StaticAdapters(loaded.model, {"a": random_adapter(loaded.model, 1), "b": random_adapter(loaded.model, 2)}, max_rank=4)
     engine = Engine(loaded.model, loaded.tokenizer, adapters,
                     EngineConfig(kv_cache_tokens=256, block_size=4, max_num_seqs=8,
                                  cuda_graph_max_batch=8 if graphs == "captured" else 0))

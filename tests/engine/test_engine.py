@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from loraplex.adapters.peft_format import read_peft_adapter
-from loraplex.engine.adapters import StaticAdapters, UnknownAdapterError
-from loraplex.engine.engine import Engine, EngineConfig, RequestError
+from loraplex.engine.adapters import StaticAdapters
+from loraplex.engine.engine import Engine, EngineConfig
 from loraplex.engine.request import FinishReason, Request
 from loraplex.engine.sampling import SamplingParams
 from loraplex.kernels import runtime

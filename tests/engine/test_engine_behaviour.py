@@ -15,7 +15,7 @@ from loraplex.engine.request import FinishReason, Request
 from loraplex.engine.sampling import SamplingParams
 from loraplex.kernels import runtime
 from loraplex.model.loader import load_model
-from tests.factory import make_model
+from tests.factory import make_model, random_adapter
 
 
 @pytest.fixture(autouse=True)
@@ -30,20 +30,6 @@ def loaded(tmp_path_factory):
     make_model(root, "llama")
     with runtime.reference_kernels():
         return load_model(root, dtype=torch.float32, progress=False)
-
-
-class Adapter:
-    """A random adapter in the shape `CausalLM.set_lora_slot` takes."""
-
-    def __init__(self, model, seed: int, rank: int = 4):
-        gen = torch.Generator().manual_seed(seed)
-        self.modules = {}
-        for path, linear in model.linears().items():
-            i = path.split(".")[1]
-            for name, (out_f, in_f) in zip(linear.names, [(w.shape[0], w.shape[1]) for w in linear.parts]):
-                m = type("M", (), {})()
-                m.a, m.b, m.scaling = torch.randn(rank, in_f, generator=gen), torch.randn(out_f, rank, generator=gen), 0.5
-                self.modules[f"layers.{i}.{name}"] = m
 
 
 def collect(engine, reqs, max_steps=400):
@@ -103,7 +89,7 @@ def test_max_tokens_and_stop_string_finish_reasons(loaded):
 
 
 def test_abort_frees_everything_at_any_step(loaded):
-    engine = Engine(loaded.model, loaded.tokenizer, StaticAdapters(loaded.model, {"x": Adapter(loaded.model, 1)}),
+    engine = Engine(loaded.model, loaded.tokenizer, StaticAdapters(loaded.model, {"x": random_adapter(loaded.model, 1)}),
                     EngineConfig(kv_cache_tokens=256, max_num_batched_tokens=8, max_num_seqs=4, block_size=4))
     outs: dict[str, list] = {}
     reqs = [Request(f"r{i}", list(range(3, 3 + 20)), SamplingParams(max_tokens=30, ignore_eos=True),
@@ -159,7 +145,7 @@ class SlowPager(StaticAdapters):
 
 
 def test_request_waiting_for_its_adapter_does_not_hold_up_others(loaded):
-    pager = SlowPager(loaded.model, {"late": Adapter(loaded.model, 1), "now": Adapter(loaded.model, 2)})
+    pager = SlowPager(loaded.model, {"late": random_adapter(loaded.model, 1), "now": random_adapter(loaded.model, 2)})
     engine = Engine(loaded.model, loaded.tokenizer, pager, EngineConfig(kv_cache_tokens=256))
     first_token_step = {}
     reqs = [Request("late", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True), "late"),

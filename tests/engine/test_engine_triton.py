@@ -13,12 +13,11 @@ from loraplex.engine.request import Request
 from loraplex.engine.sampling import SamplingParams
 from loraplex.kernels import runtime
 from loraplex.model.loader import load_model
-from tests.engine.test_engine_behaviour import Adapter
-from tests.factory import make_model
+from tests.factory import make_model, random_adapter
 
 
 def generate(loaded, device):
-    adapters = StaticAdapters(loaded.model, {"a": Adapter(loaded.model, 1), "b": Adapter(loaded.model, 2, rank=8)},
+    adapters = StaticAdapters(loaded.model, {"a": random_adapter(loaded.model, 1), "b": random_adapter(loaded.model, 2, rank=8)},
                               max_rank=8)
     engine = Engine(loaded.model, loaded.tokenizer, adapters, EngineConfig(kv_cache_tokens=128, block_size=16))
     reqs = [Request(f"r{i}", list(range(4 + i, 12 + 2 * i)), SamplingParams(max_tokens=3, temperature=0,
