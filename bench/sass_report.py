@@ -53,8 +53,8 @@ LORA_SIGNATURE = {  # both LoRA kernels; names not in a kernel's parameters are 
     "x_ptr": "*bf16", "a_ptr": "*bf16", "h_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16",
     "scaling_ptr": "*fp32", "rank_ptr": "*i32", "slice_starts_ptr": "*i32", "order_ptr": "*i32",
     "tile_slot_ptr": "*i32", "tile_row_ptr": "*i32", "seg_start_ptr": "*i32", "seg_len_ptr": "*i32",
-    "ws_ptr": "*fp32", "ticket_ptr": "*i32", "T": "i32", "K": "i32", "N": "i32", "LR": "i32", "R": "i32",
-    "L": "i32", "stride_y": "i32",
+    "ws_ptr": "*fp32", "ticket_ptr": "*i32", "T": "i32", "K": "i32", "LR": "i32", "R": "i32",
+    "stride_as": "i32", "stride_bs": "i32", "stride_scaling": "i32", "stride_rank": "i32", "stride_y": "i32",
 }
 
 
@@ -68,7 +68,8 @@ def compile_lora(kind: str, split_k: int = 1):
     signature.update({name: "constexpr" for name in constexprs})
     # pointers, and the sizes that are multiples of 16 for Llama shapes (Triton specializes
     # on that at launch)
-    aligned = [n for n in signature if signature[n].startswith("*") or n in ("K", "N", "LR", "R", "stride_y")]
+    aligned = [n for n in signature if signature[n].startswith("*")
+               or n in ("K", "LR", "R", "stride_as", "stride_bs", "stride_y")]
     attrs = {(params.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))

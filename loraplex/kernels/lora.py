@@ -277,7 +277,7 @@ if triton is not None:
     @triton.jit
     def _lora_shrink_kernel(
         x_ptr, a_ptr, h_ptr, rank_ptr, order_ptr, tile_slot_ptr, tile_row_ptr, seg_start_ptr,
-        seg_len_ptr, ws_ptr, ticket_ptr, T, K, LR, R, L,
+        seg_len_ptr, ws_ptr, ticket_ptr, T, K, LR, R, stride_as, stride_rank,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
@@ -289,11 +289,11 @@ if triton is not None:
                                                        seg_len_ptr, order_ptr, pid_t, BLOCK_M)
         r0 = pid_r * BLOCK_R
         sl = r0 // R  # the slice this rank tile belongs to (BLOCK_R divides R)
-        real = tl.load(rank_ptr + s_safe * L + sl)
+        real = tl.load(rank_ptr + s_safe * stride_rank + sl)
         if (s >= 0) & (r0 - sl * R < real):  # same verdict for every split: tickets stay consistent
             rr = r0 + tl.arange(0, BLOCK_R)
             r_mask = rr - sl * R < real  # padded rank rows are zero: do not even load them
-            a_rows = a_ptr + s_safe.to(tl.int64) * LR * K + rr.to(tl.int64)[:, None] * K
+            a_rows = a_ptr + s_safe.to(tl.int64) * stride_as + rr.to(tl.int64)[:, None] * K
             x_rows = x_ptr + tokens.to(tl.int64)[:, None] * K
             k_lo, k_hi = k_range(pid_k, K, BLOCK_K, SPLIT_K)
             acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
@@ -314,7 +314,7 @@ if triton is not None:
     @triton.jit
     def _lora_expand_kernel(
         h_ptr, b_ptr, y_ptr, scaling_ptr, rank_ptr, slice_starts_ptr, order_ptr, tile_slot_ptr,
-        tile_row_ptr, seg_start_ptr, seg_len_ptr, N, LR, R, L, stride_y,
+        tile_row_ptr, seg_start_ptr, seg_len_ptr, LR, R, stride_bs, stride_scaling, stride_rank, stride_y,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
         # grid = (max_tiles, cdiv(widest slice, BLOCK_N), L):
@@ -324,14 +324,14 @@ if triton is not None:
         sl = tl.program_id(2)
         s, s_safe, rows, row_mask, tokens = _tile_rows(tile_slot_ptr, tile_row_ptr, seg_start_ptr,
                                                        seg_len_ptr, order_ptr, pid_t, BLOCK_M)
-        real = tl.load(rank_ptr + s_safe * L + sl)
+        real = tl.load(rank_ptr + s_safe * stride_rank + sl)
         n_lo = tl.load(slice_starts_ptr + sl) + pid_n * BLOCK_N
         n_hi = tl.load(slice_starts_ptr + sl + 1)
         if (s >= 0) & (real > 0) & (n_lo < n_hi):
             cols = n_lo + tl.arange(0, BLOCK_N)
             c_mask = cols < n_hi
             h_rows = h_ptr + rows.to(tl.int64)[:, None] * LR + sl * R
-            b_rows = b_ptr + s_safe.to(tl.int64) * N * R + cols.to(tl.int64)[:, None] * R
+            b_rows = b_ptr + s_safe.to(tl.int64) * stride_bs + cols.to(tl.int64)[:, None] * R
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             # Whole rank chunks, unmasked along the rank (so loads stay 16-byte vectors): B is
             # zero-padded past the real rank, and the shrink wrote zeros there in h (it writes
@@ -344,7 +344,7 @@ if triton is not None:
                     acc = tl.dot(h, tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
                 else:
                     acc = tl.dot(h.to(b.dtype), tl.trans(b), acc)
-            scale = tl.load(scaling_ptr + s_safe * L + sl)
+            scale = tl.load(scaling_ptr + s_safe * stride_scaling + sl)
             y_ptrs = y_ptr + tokens.to(tl.int64)[:, None] * stride_y + cols[None, :]
             mask = row_mask[:, None] & c_mask[None, :]
             y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -405,7 +405,7 @@ def lora_shrink(x: torch.Tensor, stack: LoRAStack, meta: BatchMeta,
     ws, tickets = workspace.get(x.device, t * lr if split > 1 else 0, meta.max_tiles * r_tiles if split > 1 else 0)
     _lora_shrink_kernel[(meta.max_tiles, r_tiles, split)](
         x, stack.a, h, stack.rank, meta.order, meta.tile_slot, meta.tile_row, meta.seg_start,
-        meta.seg_len, ws, tickets, t, k, lr, r, stack.num_slices,
+        meta.seg_len, ws, tickets, t, k, lr, r, stack.a.stride(0), stack.rank.stride(0),
         BLOCK_M=meta.block_t, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split, DOT_FP32=INTERPRET,
         num_warps=config.num_warps,
     )
@@ -429,8 +429,8 @@ def lora_expand(h: torch.Tensor, stack: LoRAStack, meta: BatchMeta, y: torch.Ten
     block_n = min(config.expand_block_n, triton.next_power_of_2(widest))
     _lora_expand_kernel[(meta.max_tiles, triton.cdiv(widest, block_n), stack.num_slices)](
         h, stack.b, y, stack.scaling, stack.rank, stack.slice_starts, meta.order, meta.tile_slot,
-        meta.tile_row, meta.seg_start, meta.seg_len, stack.out_features, stack.a.shape[1],
-        stack.max_rank, stack.num_slices, y.stride(0),
+        meta.tile_row, meta.seg_start, meta.seg_len, stack.a.shape[1],
+        stack.max_rank, stack.b.stride(0), stack.scaling.stride(0), stack.rank.stride(0), y.stride(0),
         BLOCK_M=meta.block_t, BLOCK_N=block_n, BLOCK_R=_rank_tile(stack), DOT_FP32=INTERPRET,
         num_warps=config.num_warps,
     )

@@ -40,9 +40,6 @@ class QuantLinear(nn.Module):
             apply_lora(x, y, self.lora, lora)
         return y
 
-    def allocate_lora(self, slots: int, max_rank: int, dtype: torch.dtype) -> None:
-        self.lora = LoRAStack.allocate(slots, self.in_features, self.slices, max_rank, dtype, self.parts[0].device)
-
     def resident_bytes(self) -> int:
         return sum(w.resident_bytes() for w in self.parts)
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..kernels.fused import rope_write_kv, silu_mul
 from ..kernels.lora import BatchMeta
+from ..kernels.lora_slots import LoRASlotPool, Projection
 from .attention import paged_attention
 from .config import ModelConfig
 from .layers import QuantLinear, RMSNorm
@@ -98,6 +99,7 @@ class CausalLM(nn.Module):
         self.dtype, self.device = embed.dtype, embed.device
         self.cos_table, self.sin_table = cos, sin  # [max_model_len, head_dim] fp32
         self.lora_slots = 0
+        self.lora_pool: LoRASlotPool | None = None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, step: StepMeta) -> torch.Tensor:
@@ -122,35 +124,34 @@ class CausalLM(nn.Module):
         """Every NF4 linear by module path, e.g. "layers.3.self_attn.qkv_proj"."""
         return {name: m for name, m in self.named_modules() if isinstance(m, QuantLinear)}
 
-    def allocate_lora(self, slots: int, max_rank: int) -> None:
-        """Pre-allocate `slots` GPU adapter slots of rank capacity `max_rank` in every linear."""
-        for linear in self.linears().values():
-            linear.allocate_lora(slots, max_rank, self.dtype)
+    def lora_projections(self) -> list[tuple[QuantLinear, Projection]]:
+        """Each linear with its adapter slices' module keys ("layers.0.self_attn.q_proj", ...)."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                           layer.mlp.gate_up_proj, layer.mlp.down_proj):
+                keys = tuple(f"layers.{i}.{n}" for n in linear.names)
+                out.append((linear, Projection(keys, linear.in_features, linear.slices)))
+        return out
+
+    def allocate_lora(self, slots: int, max_rank: int) -> LoRASlotPool:
+        """Pre-allocate `slots` GPU adapter slots of rank capacity `max_rank` in every linear
+        (one arena, see `LoRASlotPool`). Allocate before capturing CUDA graphs: they bake it in."""
+        projections = self.lora_projections()
+        self.lora_pool = LoRASlotPool([p for _, p in projections], slots, max_rank, self.dtype, self.device)
+        for (linear, _), stack in zip(projections, self.lora_pool.stacks):
+            linear.lora = stack
         self.lora_slots = slots
+        return self.lora_pool
 
     def set_lora_slot(self, slot: int, modules: dict) -> None:
         """Put one adapter into `slot`. `modules` maps "layers.{i}.{hf linear}" (e.g.
         "layers.0.self_attn.q_proj") to an object with `.a` [r, in], `.b` [out, r], `.scaling`;
         linears missing from it are not targeted."""
-        if not 0 <= slot < self.lora_slots:
-            raise ValueError(f"adapter slot {slot} outside 0..{self.lora_slots - 1}")
-        known = set()
-        for i, layer in enumerate(self.layers):
-            for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                           layer.mlp.gate_up_proj, layer.mlp.down_proj):
-                keys = [f"layers.{i}.{n}" for n in linear.names]
-                known.update(keys)
-                entries = [modules.get(key) for key in keys]
-                linear.lora.set_slot(slot, [None if e is None else
-                                            (e.a.to(self.device, self.dtype), e.b.to(self.device, self.dtype),
-                                             float(e.scaling)) for e in entries])
-        unknown = set(modules) - known
-        if unknown:
-            raise ValueError(f"adapter modules not in the model: {sorted(unknown)[:5]}")
+        self.lora_pool.write(slot, modules)
 
     def clear_lora_slot(self, slot: int) -> None:
-        for linear in self.linears().values():
-            linear.lora.clear_slot(slot)
+        self.lora_pool.clear(slot)
 
     def resident_bytes(self) -> int:
         quant = sum(m.resident_bytes() for m in self.linears().values())
