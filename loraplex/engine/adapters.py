@@ -4,12 +4,16 @@ Two lifetimes: a request holds its adapter from submission to its last token (`a
 `release`: the adapter cannot be unloaded under it), and a *running* sequence holds a GPU
 slot (`activate` / `deactivate`: a slot in use is never evicted). `activate` answers None
 while the adapter is not in a GPU slot yet; the scheduler then leaves that request waiting
-and goes on with others. `between_steps` is where pages move (engine thread, never mid-step).
+and goes on with others. `between_steps` is where pages move (engine thread, never mid-step);
+it returns the handles whose requests must end now (a forced unload, a page-in that failed),
+each with the finish reason and message to give them.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
+
+from .request import FinishReason
 
 
 class UnknownAdapterError(KeyError):
@@ -29,7 +33,7 @@ class AdapterProvider(Protocol):
     def release(self, handle: Any) -> None: ...
     def activate(self, handle: Any) -> int | None: ...  # GPU slot, or None while paging in
     def deactivate(self, handle: Any) -> None: ...
-    def between_steps(self) -> None: ...
+    def between_steps(self) -> list[tuple[Any, FinishReason, str]]: ...
 
 
 class StaticAdapters:
@@ -68,5 +72,5 @@ class StaticAdapters:
     def deactivate(self, handle: str) -> None:
         pass
 
-    def between_steps(self) -> None:
-        pass
+    def between_steps(self) -> list[tuple[Any, FinishReason, str]]:
+        return []

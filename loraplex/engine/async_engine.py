@@ -56,20 +56,27 @@ class AsyncEngine:
     # -- engine thread --------------------------------------------------------------------
 
     def _loop(self) -> None:
+        computed = True
         while True:
-            # Commands (new requests, aborts, admin work) run between steps; block when idle.
-            block = not self.engine.has_work() and not self._stop.is_set()
+            # Commands (new requests, aborts, admin work) run between steps. Block when idle;
+            # when requests only wait (for an adapter being read from disk), poll every ms
+            # rather than spin, which would starve the loader thread of the GIL.
+            if self._stop.is_set() or (computed and self.engine.has_work()):
+                wait = None
+            else:
+                wait = 0.001 if self.engine.has_work() else 0.5
             try:
                 while True:
-                    command = self._commands.get(block=block, timeout=0.5 if block else None)
-                    block = False
+                    command = self._commands.get(block=wait is not None, timeout=wait)
+                    wait = None
                     self._run(command)
             except queue.Empty:
                 pass
             if self._stop.is_set():
                 return
             try:
-                if self.engine.step():
+                computed = self.engine.step() > 0
+                if computed:
                     self.steps += 1
             except Exception as exc:  # a failed step must not take the server down
                 log.error("engine step failed; failing its requests:\n%s", traceback.format_exc())
@@ -101,7 +108,8 @@ class AsyncEngine:
                        adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs until the one with `finished` set.
 
-        Requests that can never run (too long, unknown adapter) raise at once, before queuing."""
+        Requests that can never run (too long, unknown adapter) raise before the first output
+        (RequestError, UnknownAdapterError), even when the adapter goes away after this check."""
         if not self.running:
             raise EngineStoppedError("the engine is not running")
         self.engine.check_request(len(prompt_ids), params.max_tokens, adapter)
@@ -113,14 +121,16 @@ class AsyncEngine:
         def add():
             try:
                 self.engine.add_request(req)
-            except Exception as exc:  # e.g. the adapter was unloaded since check_request
-                req.on_output(RequestOutput(request_id, [], "", None, finished=True,
-                                            finish_reason=FinishReason.ERROR, error=str(exc)))
+            except Exception as exc:  # e.g. the adapter was unloaded since check_request: raise it there
+                loop.call_soon_threadsafe(outputs.put_nowait, exc)
         self._commands.put(add)
         finished = False
         try:
             while not finished:
                 out = await outputs.get()
+                if isinstance(out, Exception):
+                    finished = True
+                    raise out
                 finished = out.finished
                 yield out
         finally:

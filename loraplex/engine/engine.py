@@ -118,6 +118,13 @@ class Engine:
         self._finish(req, reason, error=error)
         return True
 
+    def abort_holding(self, adapter_ref, reason: FinishReason, error: str) -> int:
+        """End every request holding adapter handle `adapter_ref`; returns how many."""
+        doomed = [r.request_id for r in self.requests.values() if r.adapter_ref is adapter_ref]
+        for request_id in doomed:
+            self.abort(request_id, reason, error)
+        return len(doomed)
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
@@ -126,7 +133,8 @@ class Engine:
     def step(self) -> int:
         """Run one batch; returns the number of tokens it computed (0 when idle)."""
         if self.adapters is not None:
-            self.adapters.between_steps()
+            for handle, reason, message in self.adapters.between_steps():
+                self.abort_holding(handle, reason, message)
         sched = self.scheduler.schedule()
         self.last_step = sched
         if sched.empty:

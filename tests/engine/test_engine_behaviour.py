@@ -133,6 +133,7 @@ class SlowPager(StaticAdapters):
 
     def between_steps(self):
         self.steps += 1
+        return []
 
     def activate(self, handle):
         if handle == "late" and self.steps < self.delay:
