@@ -547,12 +547,20 @@ def _check_header(
     return rank
 
 
+def _finite(t: torch.Tensor) -> bool:
+    # min and max propagate NaN and are infinite iff some value is: ~15x faster than
+    # isfinite().all() on CPU (bf16 especially), which dominated reading a 7B adapter
+    return all(bool(torch.isfinite(x)) for x in torch.aminmax(t))
+
+
 def _load_tensor(f: Any, key: str, dtype: torch.dtype) -> torch.Tensor:
     tensor = f.get_tensor(key)
-    if not torch.isfinite(tensor).all():
+    if not _finite(tensor):
         raise AdapterError(f"{WEIGHTS_NAME} key {key!r}: contains NaN or infinite values")
+    if tensor.dtype == dtype:
+        return tensor.contiguous()
     converted = tensor.to(dtype).contiguous()
-    if not torch.isfinite(converted).all():
+    if not _finite(converted):
         raise AdapterError(f"{WEIGHTS_NAME} key {key!r}: values overflow {dtype}")
     return converted
 

@@ -119,20 +119,29 @@ class LoRAStack:
             raise ValueError(f"expected {self.num_slices} slices, got {len(per_slice)}")
         r_max, k = self.max_rank, self.in_features
         starts = self.slice_starts.tolist()
-        self.clear_slot(slot)
         for l, entry in enumerate(per_slice):
             if entry is None:
                 continue
-            a, b, scaling = entry
+            a, b, _ = entry
             r = a.shape[0]
             if a.shape != (r, k) or b.shape != (self.slices[l], r):
                 raise ValueError(f"slice {l}: expected A [r, {k}] and B [{self.slices[l]}, r], "
                                  f"got A {list(a.shape)} and B {list(b.shape)}")
             if not 1 <= r <= r_max:
                 raise ValueError(f"slice {l}: rank {r} outside 1..{r_max}")
-            self.a[slot, l * r_max: l * r_max + r].copy_(a)
-            self.b[slot, starts[l]: starts[l + 1], :r].copy_(b)
-            self.scaling[slot, l] = scaling
+        # every element is written once (data or zero padding): no clearing pass first, which
+        # would double the memory traffic of packing a large adapter
+        for l, entry in enumerate(per_slice):
+            a_rows = self.a[slot, l * r_max: (l + 1) * r_max]
+            b_cols = self.b[slot, starts[l]: starts[l + 1]]
+            r = 0 if entry is None else entry[0].shape[0]
+            if r:
+                a_rows[:r].copy_(entry[0])
+                b_cols[:, :r].copy_(entry[1])
+            if r < r_max:
+                a_rows[r:].zero_()
+                b_cols[:, r:].zero_()
+            self.scaling[slot, l] = 0.0 if entry is None else entry[2]
             self.rank[slot, l] = r
 
     def clear_slot(self, slot: int) -> None:
