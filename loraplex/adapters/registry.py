@@ -130,7 +130,8 @@ class AdapterRegistry:
     def __init__(self, model, spec: BaseModelSpec, config: RegistryConfig | None = None,
                  on_event: Callable[[str, str, float | None], None] | None = None):
         """`on_event(kind, adapter, seconds)` is told of "load_host" / "load_gpu" (with the
-        time it took), "evict_gpu", "evict_host", "load_failed"; for metrics, called under the lock."""
+        time it took), "evict_gpu", "evict_host", "load_failed"; for metrics: it runs under the
+        registry's lock, on whichever thread caused the event, and must return at once."""
         self.config = config = config or RegistryConfig()
         self.spec = spec
         self.pool = model.allocate_lora(config.gpu_slots, config.max_rank)
@@ -160,6 +161,11 @@ class AdapterRegistry:
 
     def close(self) -> None:
         self._io.shutdown(wait=True, cancel_futures=True)
+        with self._lock:  # drop the pinned rows now rather than whenever the registry is collected
+            self._free_rows.clear()
+            for entry in self._host:
+                entry.host = None
+            self._host.clear()
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -278,8 +284,10 @@ class AdapterRegistry:
             return self._info(entry)
 
     def info(self, name: str) -> AdapterInfo:
+        """The adapter registered as `name` (or being registered, or else still draining)."""
         with self._lock:
-            entry = self._names.get(name) or self._loading.get(name)
+            draining = [e for e in self._draining if e.name == name]
+            entry = self._names.get(name) or self._loading.get(name) or (draining[-1] if draining else None)
             if entry is None:
                 raise UnknownAdapterError(name)
             return self._info(entry)
@@ -303,7 +311,8 @@ class AdapterRegistry:
             return {
                 "registered": len(self._names), "draining": len(self._draining),
                 "gpu_slots_used": sum(e is not None for e in self._slots), "gpu_slots": self.num_slots,
-                "host_rows_used": len(self._host), "host_rows_allocated": self._rows_allocated,
+                "host_rows_used": len(self._host), "host_rows_free": len(self._free_rows),
+                "host_rows_allocated": self._rows_allocated,
                 "host_slots": self.config.host_slots, "waiting_for_slot": len(self._wanted),
                 **{f"tier_{k}": v for k, v in tiers.items()},
             }
@@ -327,6 +336,8 @@ class AdapterRegistry:
                 raise UnknownAdapterError(name)
             entry.refcount += 1
             entry.requests += 1
+            if entry.slot is None:
+                self._want(entry)  # start paging in now, not when the scheduler first asks
             return entry
 
     def release(self, entry: AdapterEntry) -> None:
@@ -449,7 +460,9 @@ class AdapterRegistry:
                 if self._rows_allocated < self.config.host_slots:
                     self._rows_allocated += 1
                     break
-                victim = next((e for e in self._host if e.copy is None), None)
+                # least recently used first, sparing rows a GPU copy or a waiting request needs
+                victim = next((e for e in self._host if e.copy is None and e not in self._wanted),
+                              next((e for e in self._host if e.copy is None), None))
                 if victim is not None:
                     self._host.pop(victim)
                     row, victim.host = victim.host, None
