@@ -77,3 +77,35 @@ def test_e2e_bench_smoke(tmp_path):
         assert all(c["tok_s"] > 0 for c in base["cases"]) and base["batch1_ms_per_token"] is not None
         assert 0 <= base["first_token_agreement"] <= streams  # informative (bf16 near-ties may differ)
     assert len(report["targets"]) == 4 and all(t["verdict"] in ("PASS", "FAIL") for t in report["targets"])
+
+
+def test_hotswap_bench_smoke(tmp_path):
+    out = tmp_path / "hotswap.json"
+    result = _run_smoke("hotswap.py", out)
+    assert "ITL p99 ms" in result.stdout and "adapter load" in result.stdout
+    assert "baseline: safetensors load_file" in result.stdout and "loads/s" in result.stdout
+    assert "usage at the end" in result.stdout and "(clean)" in result.stdout
+    report = json.loads(out.read_text())
+    args, s = report["args"], report["summary"]
+    # steady and churn blocks alternate; every timed step decoded every stream
+    assert s["steady_steps"] == args["steps"] and s["churn_steps"] >= args["steps"]
+    assert {b["phase"] for b in report["blocks"]} == {"steady", "churn"}
+    assert all(b["loads"] >= 1 for b in report["blocks"] if b["phase"] == "churn")
+    assert all(s[k] > 0 for k in ("itl_steady_p50_ms", "itl_steady_p99_ms", "itl_churn_p50_ms",
+                                  "itl_churn_p99_ms", "itl_p99_ratio"))
+    assert s["itl_steady_p50_ms"] <= s["itl_steady_p99_ms"] and s["itl_churn_p50_ms"] <= s["itl_churn_p99_ms"]
+    # adapters were registered, paged into GPU slots (evicting idle ones) and unloaded
+    loads = report["loads"]
+    assert len(loads) == s["loads"] >= 2 and s["loads_per_s"] > 0
+    assert all(x["read_ms"] > 0 and x["load_ms"] >= x["read_ms"] and x["wall_ms"] > 0 for x in loads)
+    assert len({x["name"] for x in loads}) == len(loads)
+    assert report["events"]["load_gpu"] >= len(loads) + args["resident"] and report["events"]["evict_gpu"] >= 1
+    assert "load_failed" not in report["events"] and report["preemptions"] == 0
+    assert s["load_p50_ms"] > 0 and s["wall_p99_ms"] >= s["wall_p50_ms"] > 0
+    assert report["baseline"]["device_p50_ms"] > 0 and s["load_over_baseline_p50"] > 0
+    # nothing left behind: no adapter, slot, host row or waiting page-in; no thread error
+    usage = report["usage_end"]
+    assert report["usage_clean"] and not report["churn_errors"]
+    assert usage["registered"] == usage["draining"] == usage["gpu_slots_used"] == 0
+    assert usage["host_rows_used"] == usage["waiting_for_slot"] == 0
+    assert report["targets"] == []  # judged on CUDA only
