@@ -244,11 +244,14 @@ class AdapterRegistry:
             held = [self._names[source] for source, _ in sources]
             for entry in held:
                 entry.refcount += 1  # kept from being retired while we read it
+        out = self.work_dir / f"{_safe_dirname(name)}-{uuid.uuid4().hex[:8]}"
         try:
-            adapters = [(self._read(entry.path), float(w)) for entry, (_, w) in zip(held, sources)]
+            adapters = [(self._read(entry.path), w) for entry, (_, w) in zip(held, sources)]
             merged = merge_adapters(adapters, method, max_rank=self.config.max_rank, **options)
-            out = self.work_dir / f"{_safe_dirname(name)}-{uuid.uuid4().hex[:8]}"
             write_peft_adapter(merged, out)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
         finally:
             with self._lock:
                 for entry in held:
