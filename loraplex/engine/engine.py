@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ..model.llama import CausalLM
 from .adapters import AdapterProvider, UnknownAdapterError
@@ -43,6 +44,17 @@ class EngineConfig:
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
             raise ValueError(f"kv_cache_tokens must be at least one block ({self.block_size}), "
                              f"got {self.kv_cache_tokens}")
+
+
+@dataclass(slots=True)
+class StepStats:
+    """What one step did, for metrics (`Engine.on_step`)."""
+
+    prefill_tokens: int
+    decode_tokens: int
+    adapters: int        # distinct adapters among the step's sequences (base model not counted)
+    seconds: float       # wall time of the step, scheduling to sampled tokens
+    preempted: int
 
 
 class RequestError(ValueError):
@@ -79,6 +91,7 @@ class Engine:
         self.runner = ModelRunner(model, bs, graphs)
         self.requests: dict[str, Request] = {}
         self.last_step: ScheduledStep | None = None
+        self.on_step: Callable[[StepStats], None] | None = None  # called after every step that ran
         log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks - 1, bs, self.allocator.capacity_tokens)
 
     # -- requests in ----------------------------------------------------------------------
@@ -135,6 +148,7 @@ class Engine:
         if self.adapters is not None:
             for handle, reason, message in self.adapters.between_steps():
                 self.abort_holding(handle, reason, message)
+        started = time.monotonic()
         sched = self.scheduler.schedule()
         self.last_step = sched
         if sched.empty:
@@ -148,7 +162,12 @@ class Engine:
         now = time.monotonic()
         for req, token, lp in zip(sampled, tokens, logprobs):
             self._append(req, token, lp, now)
-        return sum(n for _, n in sched.prefills) + len(sched.decodes)
+        prefill_tokens = sum(n for _, n in sched.prefills)
+        if self.on_step is not None:
+            adapters = {r.adapter_ref for r, _ in sched.prefills} | {r.adapter_ref for r in sched.decodes}
+            self.on_step(StepStats(prefill_tokens, len(sched.decodes), len(adapters - {None}),
+                                   time.monotonic() - started, len(sched.preempted)))
+        return prefill_tokens + len(sched.decodes)
 
     def _append(self, req: Request, token: int, logprob, now: float) -> None:
         req.output_ids.append(token)
@@ -185,8 +204,9 @@ class Engine:
             if req.detokenizer.stopped:  # the held-back tail completed a stop string
                 reason = FinishReason.STOP
         req.finish_reason = reason
+        queued = None if req.first_scheduled is None else req.first_scheduled - req.arrival
         self._emit(req, RequestOutput(req.request_id, token_ids or [], text, logprobs, finished=True,
-                                      finish_reason=reason, error=error))
+                                      finish_reason=reason, error=error, queue_seconds=queued))
 
     def _emit(self, req: Request, out: RequestOutput) -> None:
         out.prompt_tokens, out.completion_tokens = len(req.prompt_ids), len(req.output_ids)

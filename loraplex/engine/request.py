@@ -38,6 +38,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    queue_seconds: float | None = None   # on the finished output: arrival -> first admission (None: never ran)
 
 
 @dataclass(eq=False)
@@ -63,6 +64,7 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     first_token_time: float | None = None
+    first_scheduled: float | None = None  # time.monotonic() of the first admission (queue time)
 
     @property
     def all_ids(self) -> list[int]:

@@ -10,6 +10,7 @@ freed, recomputed later from their tokens) rather than failing anything.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -129,6 +130,8 @@ class Scheduler:
             self.allocator.grow(req.block_table, req.num_tokens)
             self.waiting.popleft()
             req.status, req.lora_slot = Status.RUNNING, slot
+            if req.first_scheduled is None:
+                req.first_scheduled = time.monotonic()
             self.running.append(req)
             chunk = min(req.num_uncomputed, budget)
             step.prefills.append((req, chunk))

@@ -111,6 +111,25 @@ def test_abort_frees_everything_at_any_step(loaded):
     assert not engine.requests
 
 
+def test_step_stats_and_queue_time(loaded):
+    engine = Engine(loaded.model, loaded.tokenizer,
+                    StaticAdapters(loaded.model, {"x": random_adapter(loaded.model, 1), "y": random_adapter(loaded.model, 2)}),
+                    EngineConfig(kv_cache_tokens=256, max_num_batched_tokens=8, max_num_seqs=2))
+    stats, outs = [], {}
+    engine.on_step = stats.append
+    for i, adapter in enumerate(["x", "y", None, "x"]):  # two run at once; the others queue
+        r = Request(f"r{i}", [3, 4, 5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True), adapter)
+        r.on_output = outs.setdefault(r.request_id, []).append
+        engine.add_request(r)
+    engine.run_until_done()
+    assert stats[0].prefill_tokens == 8 and stats[0].decode_tokens == 0 and stats[0].adapters == 2
+    assert sum(s.prefill_tokens for s in stats) == 20 and sum(s.decode_tokens for s in stats) == 8
+    assert all(s.seconds > 0 and s.preempted == 0 for s in stats)
+    assert {s.adapters for s in stats} >= {1, 2}
+    queued = {rid: o[-1].queue_seconds for rid, o in outs.items()}
+    assert queued["r0"] < queued["r2"] and queued["r3"] > 0
+
+
 def test_requests_that_can_never_run_are_refused(loaded):
     engine = Engine(loaded.model, loaded.tokenizer, config=EngineConfig(kv_cache_tokens=64, block_size=16))
     with pytest.raises(RequestError, match="maximum context length"):
