@@ -2,6 +2,7 @@
 
     loraplex check      quantize a small random Llama to NF4 and verify format and kernels
     loraplex quantize   write an NF4 (bitsandbytes-format) copy of a Hugging Face checkpoint
+    loraplex serve      serve a model and its adapters over an OpenAI-compatible HTTP API
 """
 
 from __future__ import annotations
@@ -112,6 +113,45 @@ def quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    """Serve the model and its adapters over an OpenAI-compatible HTTP API (FastAPI on uvicorn).
+
+    The model loads in the background after the port is bound: /health answers at once,
+    /ready once the model is loaded and warmed. SIGTERM (or Ctrl-C) stops admitting requests
+    (503), gives running ones --shutdown-timeout seconds, aborts the rest and exits 0."""
+    import logging
+    import signal
+
+    import uvicorn
+
+    from .server.app import create_app
+    from .server.config import config_from_args
+    from .server.state import ServerState
+
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"loraplex serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state = ServerState(config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            state.draining = True  # new requests get 503 while running ones finish
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after its graceful shutdown, so the process would
+            # die of SIGTERM; a drained SIGTERM is a clean stop: exit 0
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and captured and captured[-1] == sig:
+                captured.pop()
+
+    server = Server(uvicorn.Config(create_app(state), host=config.host, port=config.port,
+                                   log_level=config.log_level, timeout_graceful_shutdown=config.shutdown_timeout))
+    server.run()
+    return 0 if state.failed is None else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LoRA serving on NF4 base models.")
     parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
@@ -135,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to quantize (default: cuda if available, else cpu)")
     p.add_argument("--max-shard-mb", type=int, default=2048, help="largest safetensors shard in MiB (default: 2048)")
     p.set_defaults(func=quantize)
+
+    from .server.config import add_serve_arguments
+
+    p = commands.add_parser("serve", help="serve a model and its LoRA adapters over an OpenAI-compatible API",
+                            description=serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_arguments(p)
+    p.set_defaults(func=serve)
     return parser
 
 

@@ -320,12 +320,14 @@ class AdapterRegistry:
                 **{f"tier_{k}": v for k, v in tiers.items()},
             }
 
-    def running_and_waiting(self) -> tuple[list[str], list[str]]:
-        """Names with running sequences, and names with requests not yet running (for routers)."""
+    def resident_and_waiting(self) -> tuple[list[str], list[str]]:
+        """Names in GPU slots (ready to serve at once), and names with requests waiting for a
+        slot: what an adapter-affinity router wants to know (the Gateway API Inference
+        Extension's running / waiting LoRA adapters)."""
         with self._lock:
-            running = sorted(e.name for e in self._names.values() if e.active > 0)
-            waiting = sorted(e.name for e in self._names.values() if e.refcount > e.active)
-            return running, waiting
+            resident = sorted(e.name for e in self._names.values() if e.tier == "gpu")
+            waiting = sorted(e.name for e in self._names.values() if e.refcount > e.active and e.tier != "gpu")
+            return resident, waiting
 
     # -- engine side (engine thread) ------------------------------------------------------
 

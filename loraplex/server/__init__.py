@@ -1,0 +1,1 @@
+"""`loraplex serve`: the OpenAI-compatible HTTP server, its settings, state and metrics."""

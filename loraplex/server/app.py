@@ -1,0 +1,96 @@
+"""The FastAPI application: routes, auth, body limit, CORS, errors, health, readiness, metrics."""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Response
+from fastapi.middleware.cors import CORSMiddleware
+
+from .. import __version__
+from . import admin_api, openai_api
+from .errors import error_body, install_error_handlers
+from .state import ServerState
+
+
+class BodyLimit:
+    """413 for bodies over `limit` bytes, by Content-Length or while streaming them in (ASGI)."""
+
+    class TooLarge(Exception):
+        pass
+
+    def __init__(self, app, limit: int, on_error):
+        self.app, self.limit, self.on_error = app, limit, on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._reject(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyLimit.TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except BodyLimit.TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send):
+        self.on_error(413)
+        body = json.dumps(error_body(413, f"request body larger than {self.limit} bytes")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(state: ServerState, start: bool = True) -> FastAPI:
+    """The app over `state`; with `start`, startup loads the model in the background."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if start:
+            state.start(background=True)
+        yield
+        state.shutdown()
+
+    app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan)
+    app.state.loraplex = state
+    install_error_handlers(app, on_error=state.metrics.observe_error)
+    app.include_router(openai_api.router)
+    app.include_router(admin_api.router)
+    if state.config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=state.config.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(BodyLimit, limit=state.config.max_body_bytes, on_error=state.metrics.observe_error)
+
+    @app.get("/health")
+    async def health():
+        """The process is alive (even while the model loads)."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        """200 once the model is loaded and warmed and the server is not shutting down."""
+        if state.ready.is_set() and not state.draining:
+            return {"status": "ready", "model": state.model_name}
+        status = "draining" if state.draining else "failed" if state.failed else "loading"
+        return Response(json.dumps({"status": status, "error": state.failed}), status_code=503,
+                        media_type="application/json")
+
+    @app.get("/metrics")
+    def metrics():
+        # a plain def runs in the thread pool: routers scrape often, the event loop keeps streaming
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    return app

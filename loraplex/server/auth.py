@@ -1,0 +1,55 @@
+"""API and admin keys ('Authorization: Bearer KEY'), compared in constant time, never logged."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Depends, Request
+
+from .errors import APIError
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _matches(token: str | None, keys: list[str]) -> bool:
+    # every key is compared (no early exit), each in constant time
+    found = False
+    for key in keys:
+        found |= token is not None and hmac.compare_digest(token.encode(), key.encode())
+    return found
+
+
+def is_admin(request: Request) -> bool:
+    config = request.app.state.loraplex.config
+    if config.admin_key is None:
+        return config.allow_unauthenticated_admin
+    return _matches(_bearer(request), [config.admin_key])
+
+
+async def _api_key(request: Request) -> None:
+    config = request.app.state.loraplex.config
+    if not config.api_keys:
+        return
+    token = _bearer(request)
+    if not _matches(token, config.api_keys) and not (config.admin_key and _matches(token, [config.admin_key])):
+        raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                       code="invalid_api_key")
+
+
+async def _admin_key(request: Request) -> None:
+    config = request.app.state.loraplex.config
+    if config.admin_key is None:
+        if not config.allow_unauthenticated_admin:
+            raise APIError(403, "admin routes are disabled: the server has no --admin-key "
+                                "(or start it with --allow-unauthenticated-admin)")
+        return
+    if not _matches(_bearer(request), [config.admin_key]):
+        raise APIError(401, "missing or invalid admin key: send 'Authorization: Bearer <admin key>'",
+                       code="invalid_api_key")
+
+
+require_api_key = Depends(_api_key)
+require_admin = Depends(_admin_key)

@@ -1,0 +1,399 @@
+"""OpenAI routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+A request is checked whole before anything is queued (model, limits, context length), so
+errors come back as HTTP errors; only a failure after the stream has started is sent as an
+error event. Each choice is one engine request; leaving a stream early (client gone) aborts
+them all through `AsyncEngine.generate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ..engine.adapters import UnknownAdapterError
+from ..engine.async_engine import EngineStoppedError
+from ..engine.engine import RequestError
+from ..engine.request import FinishReason, RequestOutput
+from ..engine.sampling import SamplingParams
+from .auth import is_admin, require_api_key
+from .errors import APIError, error_body
+from .schemas import ChatCompletionRequest, CompletionRequest
+from .state import ServerState
+
+router = APIRouter(dependencies=[require_api_key])
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.loraplex
+
+
+# ----------------------------------------------------------------------------------------
+# checks shared by both routes
+# ----------------------------------------------------------------------------------------
+
+
+def check_serving(state: ServerState) -> None:
+    if state.draining:
+        raise APIError(503, "the server is shutting down")
+    if not state.ready.is_set():
+        raise APIError(503, f"the model is not ready: {state.failed}" if state.failed else "the model is still loading")
+    if len(state.engine.scheduler.waiting) >= state.config.max_queue:
+        raise APIError(429, f"too many requests waiting ({state.config.max_queue}); retry later")
+
+
+def adapter_for(state: ServerState, model: str) -> str | None:
+    """None for the base model, else the adapter name; 404 for anything else."""
+    if model == state.model_name:
+        return None
+    if state.registry.has(model):
+        return model
+    raise APIError(404, f"the model '{model}' does not exist", param="model", code="model_not_found")
+
+
+def sampling_params(state: ServerState, body, prompt_len: int, max_tokens: int | None, default_max: int,
+                    logprobs: int | None) -> SamplingParams:
+    c = state.config
+    if (bad := body.unsupported()) is not None:
+        raise APIError(400, f"{bad} is not supported by this server", param=bad)
+    if body.n > c.max_n:
+        raise APIError(400, f"n must be at most {c.max_n}, got {body.n}", param="n")
+    limit = c.max_prompt_tokens or state.max_model_len
+    if prompt_len > limit:
+        raise APIError(400, f"the prompt has {prompt_len} tokens; at most {limit} are accepted",
+                       param="prompt", code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = max(1, min(default_max, c.max_tokens_limit, state.max_model_len - prompt_len))
+    if max_tokens > c.max_tokens_limit:
+        raise APIError(400, f"max_tokens must be at most {c.max_tokens_limit}, got {max_tokens}", param="max_tokens")
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=body.top_k, seed=body.seed, stop=body.stop or [],
+                              stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos,
+                              logprobs=logprobs)
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from None
+
+
+def check_fits(state: ServerState, prompt_len: int, params: SamplingParams, adapter: str | None) -> None:
+    try:
+        state.engine.check_request(prompt_len, params.max_tokens, adapter)
+    except RequestError as exc:
+        raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
+    except UnknownAdapterError as exc:
+        raise APIError(404, str(exc), param="model", code="model_not_found") from None
+
+
+def tokenize_prompts(state: ServerState, prompt) -> list[list[int]]:
+    tok = state.tokenizer
+    if isinstance(prompt, str):
+        prompts = [tok.encode(prompt)]
+    elif prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [tok.encode(p) for p in prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    elif prompt and all(isinstance(p, list) for p in prompt):
+        prompts = [list(p) for p in prompt]
+    else:
+        raise APIError(400, "prompt must be a string, a list of strings, or token ids", param="prompt")
+    vocab = state.engine.model.config.vocab_size
+    for ids in prompts:
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------
+# running the choices
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    index: int
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    text: list[str] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    tokens: int = 0
+    finish: FinishReason | None = None
+    error: str | None = None
+
+
+async def run_jobs(state: ServerState, jobs: list[Job], adapter: str | None, model: str,
+                   arrival: float) -> AsyncIterator[tuple[Job, RequestOutput]]:
+    """Every job's outputs as they come, interleaved; metrics recorded per job. Leaving early
+    cancels the jobs, which aborts their engine requests."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def one(job: Job) -> None:
+        first = last = None
+        try:
+            async for out in state.async_engine.generate(job.request_id, job.prompt_ids, job.params, adapter):
+                now = time.monotonic()
+                if out.token_ids:
+                    if first is None:
+                        first = now
+                    elif last is not None:
+                        state.metrics.observe_token_gap(now - last)
+                    last = now
+                if out.finished:
+                    state.metrics.observe_request(model, out.finish_reason.value, out.prompt_tokens,
+                                                  out.completion_tokens, now - arrival, out.queue_seconds,
+                                                  None if first is None else first - arrival)
+                await queue.put((job, out))
+        except Exception as exc:  # the adapter vanished before admission, the engine stopped
+            await queue.put((job, exc))
+
+    tasks = [asyncio.create_task(one(job)) for job in jobs]
+    try:
+        pending = len(jobs)
+        while pending:
+            job, item = await queue.get()
+            if isinstance(item, Exception):
+                pending -= 1
+                raise item
+            pending -= item.finished
+            yield job, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def as_api_error(exc: Exception) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, UnknownAdapterError):
+        return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, RequestError):
+        return APIError(400, str(exc))
+    if isinstance(exc, EngineStoppedError):
+        return APIError(503, "the server is shutting down")
+    return APIError(500, f"internal error: {type(exc).__name__}")
+
+
+def finish_reason(job: Job) -> str:
+    return job.finish.value if job.finish is not None else "abort"
+
+
+def usage(jobs: list[Job], prompts: list[list[int]]) -> dict:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(j.tokens for j in jobs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(data) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def complete(state: ServerState, jobs: list[Job], adapter: str | None, model: str, arrival: float) -> None:
+    """Run every job to the end, keeping text and logprobs on the jobs; errors raise APIError."""
+    try:
+        async for job, out in run_jobs(state, jobs, adapter, model, arrival):
+            job.text.append(out.text)
+            job.logprobs += out.logprobs or []
+            job.tokens = out.completion_tokens
+            if out.finished:
+                job.finish, job.error = out.finish_reason, out.error
+    except Exception as exc:
+        raise as_api_error(exc) from None
+    failed = [j for j in jobs if j.finish is FinishReason.ERROR]
+    if failed:
+        raise APIError(500, failed[0].error or "the engine failed on this request")
+
+
+def make_jobs(prefix: str, prompts: list[list[int]], params: SamplingParams, n: int) -> list[Job]:
+    jobs = []
+    for p, ids in enumerate(prompts):
+        for i in range(n):
+            seed = None if params.seed is None else params.seed + i  # n choices differ, reproducibly
+            choice = dataclasses.replace(params, seed=seed) if n > 1 else params
+            jobs.append(Job(p * n + i, f"{prefix}-{p * n + i}", ids, choice))
+    return jobs
+
+
+def token_text(state: ServerState, token_id: int) -> str:
+    return state.tokenizer.decode([token_id])
+
+
+# ----------------------------------------------------------------------------------------
+# /v1/completions
+# ----------------------------------------------------------------------------------------
+
+
+def completion_logprobs(state: ServerState, lps: list, offset: int) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for lp in lps:
+        text = token_text(state, lp.token_id)
+        tokens.append(text)
+        token_lps.append(lp.logprob)
+        tops.append({token_text(state, t): v for t, v in lp.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state = state_of(request)
+    arrival = time.monotonic()
+    check_serving(state)
+    adapter = adapter_for(state, body.model)
+    prompts = tokenize_prompts(state, body.prompt)
+    params = sampling_params(state, body, max(map(len, prompts)), body.max_tokens, 16, body.logprobs)
+    for ids in prompts:
+        check_fits(state, len(ids), params, adapter)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    jobs = make_jobs(request_id, prompts, params, body.n)
+    base = {"id": request_id, "object": "text_completion", "created": created, "model": body.model}
+
+    if not body.stream:
+        await complete(state, jobs, adapter, body.model, arrival)
+        choices = [{"index": j.index, "text": "".join(j.text), "finish_reason": finish_reason(j),
+                    "logprobs": completion_logprobs(state, j.logprobs, 0) if body.logprobs is not None else None}
+                   for j in jobs]
+        return {**base, "choices": choices, "usage": usage(jobs, prompts)}
+
+    async def stream():
+        offsets = {j.index: 0 for j in jobs}
+        try:
+            async for job, out in run_jobs(state, jobs, adapter, body.model, arrival):
+                job.tokens = out.completion_tokens
+                lps = None
+                if body.logprobs is not None and out.logprobs:
+                    lps = completion_logprobs(state, out.logprobs, offsets[job.index])
+                offsets[job.index] += len(out.text)
+                if out.finished:
+                    job.finish = out.finish_reason
+                    if out.finish_reason is FinishReason.ERROR:
+                        yield sse(error_body(500, out.error or "the engine failed on this request"))
+                        continue
+                if out.text or out.finished or lps:
+                    yield sse({**base, "choices": [{"index": job.index, "text": out.text, "logprobs": lps,
+                                                    "finish_reason": finish_reason(job) if out.finished else None}]})
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse({**base, "choices": [], "usage": usage(jobs, prompts)})
+        except Exception as exc:
+            err = as_api_error(exc)
+            state.metrics.observe_error(err.status)
+            yield sse(error_body(err.status, err.message, err.param, err.code))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+# ----------------------------------------------------------------------------------------
+# /v1/chat/completions
+# ----------------------------------------------------------------------------------------
+
+
+def chat_logprobs(state: ServerState, lps: list) -> dict:
+    def entry(token_id: int, logprob: float) -> dict:
+        text = token_text(state, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in lps]}
+
+
+def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+    tok = state.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+    messages = [m.model_dump(exclude_none=True, include={"role", "content", "name"}) for m in body.messages]
+    try:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # the template rejects the conversation (e.g. roles out of order)
+        raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages") from None
+    return tok.encode(text, add_special_tokens=False)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = state_of(request)
+    arrival = time.monotonic()
+    check_serving(state)
+    adapter = adapter_for(state, body.model)
+    prompt = chat_prompt(state, body)
+    if not prompt:
+        raise APIError(400, "the rendered conversation is empty", param="messages")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    params = sampling_params(state, body, len(prompt), max_tokens, state.config.max_tokens_limit, logprobs)
+    check_fits(state, len(prompt), params, adapter)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    jobs = make_jobs(request_id, [prompt], params, body.n)
+    base = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model}
+
+    if not body.stream:
+        await complete(state, jobs, adapter, body.model, arrival)
+        choices = [{"index": j.index, "message": {"role": "assistant", "content": "".join(j.text)},
+                    "finish_reason": finish_reason(j),
+                    "logprobs": chat_logprobs(state, j.logprobs) if body.logprobs else None} for j in jobs]
+        return {**base, "choices": choices, "usage": usage(jobs, [prompt])}
+
+    base["object"] = "chat.completion.chunk"
+
+    async def stream():
+        for job in jobs:  # the role first, as OpenAI does
+            yield sse({**base, "choices": [{"index": job.index, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+        try:
+            async for job, out in run_jobs(state, jobs, adapter, body.model, arrival):
+                job.tokens = out.completion_tokens
+                if out.finished:
+                    job.finish = out.finish_reason
+                    if out.finish_reason is FinishReason.ERROR:
+                        yield sse(error_body(500, out.error or "the engine failed on this request"))
+                        continue
+                lps = chat_logprobs(state, out.logprobs) if body.logprobs and out.logprobs else None
+                if out.text or lps:
+                    yield sse({**base, "choices": [{"index": job.index, "delta": {"content": out.text},
+                                                    "logprobs": lps, "finish_reason": None}]})
+                if out.finished:
+                    yield sse({**base, "choices": [{"index": job.index, "delta": {}, "logprobs": None,
+                                                    "finish_reason": finish_reason(job)}]})
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse({**base, "choices": [], "usage": usage(jobs, [prompt])})
+        except Exception as exc:
+            err = as_api_error(exc)
+            state.metrics.observe_error(err.status)
+            yield sse(error_body(err.status, err.message, err.param, err.code))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+# ----------------------------------------------------------------------------------------
+# /v1/models
+# ----------------------------------------------------------------------------------------
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state = state_of(request)
+    if not state.ready.is_set():
+        raise APIError(503, "the model is still loading")
+    admin = is_admin(request)
+    created = int(state.started_at)
+    data = [{"id": state.model_name, "object": "model", "created": created, "owned_by": "loraplex",
+             "root": str(state.model_dir) if admin and state.model_dir else None, "parent": None}]
+    for info in state.registry.list():
+        if info.state != "ready":
+            continue
+        data.append({"id": info.name, "object": "model", "created": int(info.registered_at), "owned_by": "loraplex",
+                     "root": info.path if admin else None, "parent": state.model_name})
+    return {"object": "list", "data": data}

@@ -1,0 +1,155 @@
+"""What the server runs on: the model, the adapter registry, the engine thread and the metrics.
+
+`ServerState.start()` loads everything on a background thread (the model with a progress
+bar, the startup adapters, a warm-up generation through every kernel), so `/health` answers
+at once and `/ready` turns 200 only when the model can serve.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ..adapters.peft_format import BaseModelSpec
+from ..adapters.registry import AdapterRegistry, RegistryConfig
+from ..engine.async_engine import AsyncEngine
+from ..engine.engine import Engine, EngineConfig
+from ..engine.request import Request
+from ..engine.sampling import SamplingParams
+from ..model.loader import load_model
+from .config import ServerConfig
+from .metrics import ServerMetrics, Snapshot
+
+log = logging.getLogger("loraplex.server")
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
+
+
+def demo_model_dir() -> Path:
+    model = DEMO_DIR / "model"
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"no --model given and the bundled demo model is missing ({model}); pass "
+                                f"--model DIR (a Hugging Face Llama-family directory)")
+    return model
+
+
+def eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
+    """EOS ids from generation_config.json (Llama 3 lists several, e.g. <|eot_id|>) and the tokenizer."""
+    from transformers import GenerationConfig
+
+    ids = set()
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    except OSError:  # no generation_config.json
+        pass
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class ServerState:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.model_dir = Path(config.model) if config.model else None
+        self.model_name = config.served_model_name
+        self.engine: Engine | None = None
+        self.async_engine: AsyncEngine | None = None
+        self.registry: AdapterRegistry | None = None
+        self.tokenizer = None
+        self.max_model_len = 0
+        self.ready = threading.Event()
+        self.draining = False
+        self.started_at = time.time()
+        self.failed: str | None = None        # why startup failed, if it did
+        self.adapter_roots = [Path(r).resolve() for r in config.adapter_roots]
+        self.metrics = ServerMetrics(self.snapshot, self.model_name or "loraplex")
+        self._thread: threading.Thread | None = None
+
+    # -- startup / shutdown ---------------------------------------------------------------
+
+    def start(self, background: bool = True) -> None:
+        if background:
+            self._thread = threading.Thread(target=self._load_logged, name="loraplex-startup", daemon=True)
+            self._thread.start()
+        else:
+            self._load()
+
+    def _load_logged(self) -> None:
+        try:
+            self._load()
+        except Exception as exc:
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.exception("startup failed; the server stays up, not ready")
+
+    def _load(self) -> None:
+        c = self.config
+        started = time.monotonic()
+        model_dir = self.model_dir or demo_model_dir()
+        self.model_name = self.model_name or model_dir.name
+        self.metrics.model_name = self.model_name
+        device = c.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        log.info("loading %s on %s (%s)", model_dir, device, c.dtype)
+        loaded = load_model(model_dir, dtype=c.dtype, device=device, progress=True)
+        self.tokenizer = loaded.tokenizer
+        registry = AdapterRegistry(
+            loaded.model, BaseModelSpec.from_hf_config(loaded.hf_config),
+            RegistryConfig(gpu_slots=c.max_gpu_adapters, host_slots=c.max_host_adapters, max_rank=c.max_rank),
+            on_event=self.metrics.on_adapter_event)
+        for name, path in c.adapters.items():
+            if name == self.model_name:
+                raise ValueError(f"--adapter {name}: the base model is served under that name")
+            registry.register(name, path)
+        engine = Engine(loaded.model, loaded.tokenizer, registry,
+                        EngineConfig(max_num_seqs=c.max_num_seqs, kv_cache_tokens=c.kv_cache_tokens,
+                                     memory_fraction=c.gpu_memory_fraction, max_model_len=c.max_model_len),
+                        eos_token_ids=eos_token_ids(model_dir, loaded.tokenizer))
+        self._warm_up(engine, list(c.adapters))
+        engine.on_step = self.metrics.observe_step
+        self.registry, self.engine, self.max_model_len = registry, engine, engine.max_model_len
+        self.async_engine = AsyncEngine(engine).start()
+        self.ready.set()
+        log.info("ready: %s with %d adapters in %.1f s", self.model_name, len(c.adapters), time.monotonic() - started)
+
+    @staticmethod
+    def _warm_up(engine: Engine, adapters: list[str]) -> None:
+        """One short generation on the base model and each startup adapter: compiles the kernels
+        (Triton JIT) before the first client waits for them."""
+        prompt = list(range(1, 9))
+        for i, adapter in enumerate([None, *adapters]):
+            engine.add_request(Request(f"warm-up-{i}", prompt, SamplingParams(max_tokens=2, ignore_eos=True), adapter))
+        engine.run_until_done()
+
+    def shutdown(self) -> None:
+        self.draining = True
+        if self.async_engine is not None:
+            self.async_engine.shutdown()
+        if self.registry is not None:
+            self.registry.close()
+
+    # -- queries --------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        engine, registry = self.engine, self.registry
+        if engine is None or registry is None:
+            return Snapshot(0, 0, 0.0, {"gpu": 0, "host": 0, "disk": 0}, [], [], self.config.max_gpu_adapters)
+        usage = registry.usage()
+        running, waiting = registry.resident_and_waiting()
+        return Snapshot(len(engine.scheduler.running), len(engine.scheduler.waiting), engine.allocator.usage(),
+                        {t: usage[f"tier_{t}"] for t in ("gpu", "host", "disk")}, running, waiting,
+                        registry.num_slots)
+
+    def resolve_adapter_path(self, path: str) -> Path:
+        """The real path of `path`, if it lies inside an allowed adapter root; else PermissionError."""
+        if not self.adapter_roots:
+            raise PermissionError("adapters cannot be registered by path: the server has no --adapter-root")
+        real = Path(path).resolve()
+        if not any(real == root or root in real.parents for root in self.adapter_roots):
+            raise PermissionError(f"path {path!r} is outside the allowed adapter roots")
+        return real

@@ -1,0 +1,87 @@
+"""`loraplex serve` as users start it: flags and environment, --help, and a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loraplex.cli import build_parser
+from loraplex.server.config import config_from_args
+from tests.factory import make_model
+from tests.server.test_server import PROMPT, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse(argv, env=None, monkeypatch=None):
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    return config_from_args(build_parser().parse_args(["serve", *argv]))
+
+
+def test_flags_and_environment(monkeypatch, tmp_path):
+    c = parse(["--model", "m", "--adapter", "a=/x", "--adapter", "b=/y", "--api-key", "k1", "--port", "9"],
+              {"LORAPLEX_PORT": "7", "LORAPLEX_ADMIN_KEY": "adm", "LORAPLEX_API_KEY": "e1,e2",
+               "LORAPLEX_ADAPTER_ROOT": f"{tmp_path}{os.pathsep}{tmp_path}", "LORAPLEX_MAX_GPU_ADAPTERS": "3"},
+              monkeypatch)
+    assert c.model == "m" and c.adapters == {"a": "/x", "b": "/y"} and c.port == 9  # flags win
+    assert c.api_keys == ["k1"] and c.admin_key == "adm" and c.max_gpu_adapters == 3
+    assert c.adapter_roots == [str(tmp_path)] * 2
+    monkeypatch.delenv("LORAPLEX_PORT")
+    assert parse([]).port == 8000 and parse([]).api_keys == ["e1", "e2"]
+    for argv, message in ((["--admin-key", "e1"], "differ"), (["--max-n", "0"], "max-n"),
+                          (["--adapter-root", str(tmp_path / "none")], "not a directory")):
+        with pytest.raises(ValueError, match=message):
+            parse(argv)
+    with pytest.raises(SystemExit):
+        parse(["--adapter", "no-equals-sign"])
+
+
+def test_help_documents_every_flag():
+    text = subprocess.run([sys.executable, "-m", "loraplex.cli", "serve", "--help"], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "200"}).stdout
+    for flag in ("--model", "--adapter", "--host", "--port", "--served-model-name", "--dtype", "--kv-cache-tokens",
+                 "--max-gpu-adapters", "--max-host-adapters", "--max-rank", "--adapter-root", "--api-key",
+                 "--admin-key", "--allow-unauthenticated-admin", "--cors-origin", "--log-level", "--max-body-bytes",
+                 "--max-tokens-limit", "--max-n", "--max-queue", "--shutdown-timeout"):
+        assert flag in text, flag
+    assert "LORAPLEX_MAX_GPU_ADAPTERS" in text and "SIGTERM" in text
+
+
+def test_sigterm_finishes_running_streams_then_exits_zero(tmp_path):
+    make_model(tmp_path / "base", "llama")
+    port = free_port()
+    env = {**os.environ, "LORAPLEX_KERNELS": "reference", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "loraplex.cli", "serve", "--model", str(tmp_path / "base"),
+                             "--port", str(port), "--device", "cpu", "--dtype", "fp32", "--kv-cache-tokens", "512",
+                             "--log-level", "warning", "--shutdown-timeout", "30"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+            time.sleep(0.1)
+        body = {"model": "base", "prompt": PROMPT, "max_tokens": 40, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data:")]
+        assert rest[-1] == "data: [DONE]" and '"finish_reason":"length"' in rest[-2]
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
