@@ -10,7 +10,8 @@ Histograms
     loraplex_request_queue_seconds              arrival -> first admission to a step
     loraplex_request_prompt_tokens              prompt length of finished requests
     loraplex_request_generation_tokens          generated tokens of finished requests
-    loraplex_adapter_load_seconds{tier}         "host": file -> pinned host row; "gpu": host row -> GPU slot
+    loraplex_adapter_load_seconds{tier}         "host": file -> pinned host row; "gpu": into a GPU slot
+                                                (from the file when it follows a read, else from the host row)
     loraplex_step_adapters                      distinct adapters in one engine step (base model not counted)
     loraplex_step_duration_seconds              wall time of one engine step
 Counters
@@ -34,7 +35,9 @@ use and LoRA affinity routing); same values as above
     vllm:kv_cache_usage_perc{model_name} (a 0..1 fraction despite the name, as in vLLM),
     vllm:gpu_cache_usage_perc{model_name} (its older name),
     vllm:lora_requests_info{max_lora, running_lora_adapters, waiting_lora_adapters} = unix time
-    of the scrape; the adapter labels are comma-joined names (one series, always the latest).
+    of the scrape; the adapter labels are comma-joined names (one series, always the latest):
+    "running" = adapters in GPU slots, ready at once (the extension's protocol), "waiting" =
+    adapters with requests waiting for a slot.
 
 Per-adapter series (the `model` label) are dropped by `forget_adapter` when an adapter is
 unloaded, so label cardinality follows the registered adapters.
