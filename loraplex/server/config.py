@@ -24,7 +24,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None         # None = the model directory's name
-    dtype: str = "bf16"
+    dtype: str = "auto"                          # auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"
     kv_cache_tokens: int | None = None
     gpu_memory_fraction: float = 0.90
@@ -93,14 +93,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(f"--{name}", type=type, default=value, help=f"{help} [env {var}{shown}]", **kw)
 
     flag("model", "Hugging Face model directory (bf16/fp16/fp32 is quantized to NF4 while loading; a "
-                  "bitsandbytes NF4 checkpoint loads as stored); without it the bundled demo model is served")
+                  "bitsandbytes NF4 checkpoint loads as stored); without it the bundled demo model is served "
+                  "with its adapters (upper, reverse, rot13), and its adapter directory is an adapter root")
     flag("adapter", "register an adapter at startup, NAME=PATH (a trusted path: no --adapter-root check)",
          type=_adapter_pair, repeat=True, metavar="NAME=PATH")
     flag("host", "address to listen on", default=d.host)
     flag("port", "port to listen on", type=int, default=d.port)
     flag("served-model-name", "name of the base model in the API's `model` field (default: the model "
-                              "directory's name)")
-    flag("dtype", "activation dtype", default=d.dtype, choices=["bf16", "fp16", "fp32"])
+                              "directory's name; loraplex-demo for the demo)")
+    flag("dtype", "activation dtype; auto = bf16 on CUDA, fp32 on CPU", default=d.dtype,
+         choices=["auto", "bf16", "fp16", "fp32"])
     flag("device", "where to run: auto (cuda when present), cuda or cpu", default=d.device)
     flag("kv-cache-tokens", "KV cache size in tokens (default: from --gpu-memory-fraction on CUDA)", type=int)
     flag("gpu-memory-fraction", "share of GPU memory for weights, adapters and KV cache", type=float,

@@ -16,6 +16,7 @@ import torch
 
 from ..adapters.peft_format import BaseModelSpec
 from ..adapters.registry import AdapterRegistry, RegistryConfig
+from ..demo import ADAPTERS_DIR, MODEL_DIR, adapter_paths
 from ..engine.async_engine import AsyncEngine
 from ..engine.engine import Engine, EngineConfig
 from ..engine.request import Request
@@ -26,15 +27,14 @@ from .metrics import ServerMetrics, Snapshot
 
 log = logging.getLogger("loraplex.server")
 
-DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
+DEMO_NAME = "loraplex-demo"
 
 
 def demo_model_dir() -> Path:
-    model = DEMO_DIR / "model"
-    if not (model / "config.json").is_file():
-        raise FileNotFoundError(f"no --model given and the bundled demo model is missing ({model}); pass "
-                                f"--model DIR (a Hugging Face Llama-family directory)")
-    return model
+    if not (MODEL_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"no --model given and the bundled demo model is missing ({MODEL_DIR}; "
+                                f"`python scripts/make_demo.py` makes it); pass --model DIR")
+    return MODEL_DIR
 
 
 def eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
@@ -55,8 +55,12 @@ def eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
 class ServerState:
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.demo = not config.model
+        if self.demo:  # the bundled demo: its adapters come along and may be registered again
+            config.adapters = {**{name: str(p) for name, p in adapter_paths().items()}, **config.adapters}
+            config.adapter_roots = config.adapter_roots or [str(ADAPTERS_DIR)]
         self.model_dir = Path(config.model) if config.model else None
-        self.model_name = config.served_model_name
+        self.model_name = config.served_model_name or (DEMO_NAME if self.demo else None)
         self.engine: Engine | None = None
         self.async_engine: AsyncEngine | None = None
         self.registry: AdapterRegistry | None = None
@@ -95,8 +99,9 @@ class ServerState:
         device = c.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        log.info("loading %s on %s (%s)", model_dir, device, c.dtype)
-        loaded = load_model(model_dir, dtype=c.dtype, device=device, progress=True)
+        dtype = c.dtype if c.dtype != "auto" else "bf16" if device == "cuda" else "fp32"
+        log.info("loading %s on %s (%s)", model_dir, device, dtype)
+        loaded = load_model(model_dir, dtype=dtype, device=device, progress=True)
         self.tokenizer = loaded.tokenizer
         registry = AdapterRegistry(
             loaded.model, BaseModelSpec.from_hf_config(loaded.hf_config),
