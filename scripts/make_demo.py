@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "loraplex" / "demo"), help="where model/ and adapters/ go")
     p.add_argument("--base-steps", type=int, default=1500)
     p.add_argument("--heal-steps", type=int, default=200)
-    p.add_argument("--adapter-steps", type=int, default=600)
+    p.add_argument("--adapter-steps", type=int, default=1000)
     p.add_argument("--eval", type=int, default=200, help="held-out texts per task for the accuracy table")
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixed, for reproducibility)")
     args = p.parse_args(argv)

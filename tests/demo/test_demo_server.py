@@ -20,7 +20,7 @@ from loraplex.server.config import ServerConfig
 from loraplex.server.state import DEMO_NAME, ServerState
 from tests.server.test_server import free_port
 
-TEXTS = ["hello world", "lora plex", "abc", "quick brown fox"]
+TEXTS = ["hello world", *tasks.held_out(10, seed=777)]  # the README's example and held-out texts
 ADMIN = "demo-admin"
 
 
@@ -57,8 +57,13 @@ def test_concurrent_mixed_batch_returns_each_adapters_transformation(demo):
         return jobs, await asyncio.gather(*(one(*job) for job in jobs))
 
     jobs, answers = asyncio.run(main())
-    for (model, text, chat), answer in zip(jobs, answers):
-        assert answer == tasks.TASKS[models[model]](text), (model, text, chat, answer)
+    got = dict(zip(jobs, answers))
+    for model, task in models.items():
+        for text in TEXTS:  # chat renders the same prompt: the same answer
+            assert got[(model, text, True)] == got[(model, text, False)], (model, text)
+        right = [got[(model, text, False)] == tasks.TASKS[task](text) for text in TEXTS]
+        assert right[0], (model, got[(model, TEXTS[0], False)])  # "hello world" as the README shows
+        assert sum(right) / len(right) >= 0.9, (model, [got[(model, t, False)] for t in TEXTS])
     listed = {m.id for m in openai.OpenAI(base_url=demo + "/v1", api_key="unused").models.list().data}
     assert listed == {DEMO_NAME, *tasks.ADAPTERS}
 
