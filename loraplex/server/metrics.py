@@ -86,8 +86,8 @@ class Snapshot:
     waiting: int                       # requests queued
     kv_cache_usage: float              # 0..1
     adapters_by_tier: dict[str, int]   # {"gpu": n, "host": n, "disk": n}
-    running_adapters: list[str]        # adapter names with running requests
-    waiting_adapters: list[str]        # adapter names with queued requests
+    running_adapters: list[str]        # adapters in GPU slots, ready to serve at once
+    waiting_adapters: list[str]        # adapters with requests waiting for a slot
     max_lora: int                      # GPU adapter slots
 
 
@@ -197,7 +197,8 @@ class ServerMetrics:
         self.gen_hist = hist("loraplex_request_generation_tokens", "Generated tokens per finished request.",
                              TOKEN_BUCKETS)
         self.adapter_load = hist("loraplex_adapter_load_seconds", "Adapter load time: tier=host is file -> "
-                                 "pinned host row, tier=gpu is host row -> GPU slot.", ADAPTER_LOAD_BUCKETS,
+                                 "pinned host row, tier=gpu is into a GPU slot (from the file when it "
+                                 "follows a read).", ADAPTER_LOAD_BUCKETS,
                                  ["tier"])
         self.step_adapters = hist("loraplex_step_adapters", "Distinct adapters in one engine step (base model "
                                   "not counted).", ADAPTERS_PER_STEP_BUCKETS)
