@@ -225,6 +225,39 @@ def make_jobs(prefix: str, prompts: list[list[int]], params: SamplingParams, n: 
     return jobs
 
 
+def stream_response(state: ServerState, jobs: list[Job], adapter: str | None, model: str, arrival: float,
+                    chunks, usage_chunk=None, first: list[dict] = ()) -> StreamingResponse:
+    """SSE over the jobs' outputs: `first` chunks, then `chunks(job, out)` for each output (a
+    job the engine failed gets an error event instead), the `usage_chunk()` when asked for,
+    an error event if the request fails on the way, and `[DONE]`."""
+    async def events():
+        for chunk in first:
+            yield sse(chunk)
+        try:
+            async for job, out in run_jobs(state, jobs, adapter, model, arrival):
+                job.tokens = out.completion_tokens
+                if out.finished:
+                    job.finish = out.finish_reason
+                    if out.finish_reason is FinishReason.ERROR:
+                        yield sse(error_body(500, out.error or "the engine failed on this request"))
+                        continue
+                for chunk in chunks(job, out):
+                    yield sse(chunk)
+            if usage_chunk is not None:
+                yield sse(usage_chunk())
+        except Exception as exc:
+            err = as_api_error(exc)
+            state.metrics.observe_error(err.status)
+            yield sse(error_body(err.status, err.message, err.param, err.code))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def include_usage(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
 def token_text(state: ServerState, token_id: int) -> str:
     return state.tokenizer.decode([token_id])
 
@@ -268,32 +301,19 @@ async def completions(body: CompletionRequest, request: Request):
                    for j in jobs]
         return {**base, "choices": choices, "usage": usage(jobs, prompts)}
 
-    async def stream():
-        offsets = {j.index: 0 for j in jobs}
-        try:
-            async for job, out in run_jobs(state, jobs, adapter, body.model, arrival):
-                job.tokens = out.completion_tokens
-                lps = None
-                if body.logprobs is not None and out.logprobs:
-                    lps = completion_logprobs(state, out.logprobs, offsets[job.index])
-                offsets[job.index] += len(out.text)
-                if out.finished:
-                    job.finish = out.finish_reason
-                    if out.finish_reason is FinishReason.ERROR:
-                        yield sse(error_body(500, out.error or "the engine failed on this request"))
-                        continue
-                if out.text or out.finished or lps:
-                    yield sse({**base, "choices": [{"index": job.index, "text": out.text, "logprobs": lps,
-                                                    "finish_reason": finish_reason(job) if out.finished else None}]})
-            if body.stream_options and body.stream_options.include_usage:
-                yield sse({**base, "choices": [], "usage": usage(jobs, prompts)})
-        except Exception as exc:
-            err = as_api_error(exc)
-            state.metrics.observe_error(err.status)
-            yield sse(error_body(err.status, err.message, err.param, err.code))
-        yield "data: [DONE]\n\n"
+    offsets = {j.index: 0 for j in jobs}
 
-    return StreamingResponse(stream(), media_type="text/event-stream")
+    def chunks(job: Job, out: RequestOutput):
+        lps = None
+        if body.logprobs is not None and out.logprobs:
+            lps = completion_logprobs(state, out.logprobs, offsets[job.index])
+        offsets[job.index] += len(out.text)
+        if out.text or out.finished or lps:
+            yield {**base, "choices": [{"index": job.index, "text": out.text, "logprobs": lps,
+                                        "finish_reason": finish_reason(job) if out.finished else None}]}
+
+    usage_chunk = (lambda: {**base, "choices": [], "usage": usage(jobs, prompts)}) if include_usage(body) else None
+    return stream_response(state, jobs, adapter, body.model, arrival, chunks, usage_chunk)
 
 
 # ----------------------------------------------------------------------------------------
@@ -347,34 +367,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     base["object"] = "chat.completion.chunk"
 
-    async def stream():
-        for job in jobs:  # the role first, as OpenAI does
-            yield sse({**base, "choices": [{"index": job.index, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}]})
-        try:
-            async for job, out in run_jobs(state, jobs, adapter, body.model, arrival):
-                job.tokens = out.completion_tokens
-                if out.finished:
-                    job.finish = out.finish_reason
-                    if out.finish_reason is FinishReason.ERROR:
-                        yield sse(error_body(500, out.error or "the engine failed on this request"))
-                        continue
-                lps = chat_logprobs(state, out.logprobs) if body.logprobs and out.logprobs else None
-                if out.text or lps:
-                    yield sse({**base, "choices": [{"index": job.index, "delta": {"content": out.text},
-                                                    "logprobs": lps, "finish_reason": None}]})
-                if out.finished:
-                    yield sse({**base, "choices": [{"index": job.index, "delta": {}, "logprobs": None,
-                                                    "finish_reason": finish_reason(job)}]})
-            if body.stream_options and body.stream_options.include_usage:
-                yield sse({**base, "choices": [], "usage": usage(jobs, [prompt])})
-        except Exception as exc:
-            err = as_api_error(exc)
-            state.metrics.observe_error(err.status)
-            yield sse(error_body(err.status, err.message, err.param, err.code))
-        yield "data: [DONE]\n\n"
+    def chunks(job: Job, out: RequestOutput):
+        lps = chat_logprobs(state, out.logprobs) if body.logprobs and out.logprobs else None
+        if out.text or lps:
+            yield {**base, "choices": [{"index": job.index, "delta": {"content": out.text}, "logprobs": lps,
+                                        "finish_reason": None}]}
+        if out.finished:
+            yield {**base, "choices": [{"index": job.index, "delta": {}, "logprobs": None,
+                                        "finish_reason": finish_reason(job)}]}
 
-    return StreamingResponse(stream(), media_type="text/event-stream")
+    # the role first, as OpenAI does
+    roles = [{**base, "choices": [{"index": job.index, "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None}]} for job in jobs]
+    usage_chunk = (lambda: {**base, "choices": [], "usage": usage(jobs, [prompt])}) if include_usage(body) else None
+    return stream_response(state, jobs, adapter, body.model, arrival, chunks, usage_chunk, roles)
 
 
 # ----------------------------------------------------------------------------------------
