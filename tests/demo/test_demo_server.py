@@ -5,20 +5,15 @@ merge of two serve too."""
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from loraplex.demo import ADAPTERS_DIR, tasks
-from loraplex.kernels import runtime
-from loraplex.server.app import create_app
 from loraplex.server.config import ServerConfig
-from loraplex.server.state import DEMO_NAME, ServerState
-from tests.server.test_server import free_port
+from loraplex.server.state import DEMO_NAME
+from tests.server.test_server import live_server
 
 TEXTS = ["hello world", *tasks.held_out(10, seed=777)]  # the README's example and held-out texts
 ADMIN = "demo-admin"
@@ -26,18 +21,8 @@ ADMIN = "demo-admin"
 
 @pytest.fixture(scope="module")
 def demo():
-    with runtime.reference_kernels():
-        state = ServerState(ServerConfig(device="cpu", admin_key=ADMIN))
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        assert state.ready.wait(120), state.failed
-        while not server.started:
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-        server.should_exit = True
-        thread.join(30)
+    with live_server(ServerConfig(device="cpu", admin_key=ADMIN)) as (url, _):
+        yield url
 
 
 def test_concurrent_mixed_batch_returns_each_adapters_transformation(demo):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from contextlib import contextmanager
 import threading
 import time
 
@@ -39,6 +40,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def live_server(config: ServerConfig):
+    """uvicorn serving `config` on a free loopback port, on its own thread, once ready:
+    yields (base URL, server state); the references run the kernels (fp32, process-wide)."""
+    with runtime.reference_kernels():
+        state = ServerState(config)
+        port = free_port()
+        srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=srv.run, daemon=True)
+        thread.start()
+        assert state.ready.wait(120), state.failed
+        while not srv.started:
+            time.sleep(0.01)
+        try:
+            yield f"http://127.0.0.1:{port}", state
+        finally:
+            srv.should_exit = True
+            thread.join(30)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
@@ -50,19 +71,9 @@ def server(tmp_path_factory):
                           dtype="fp32", device="cpu", kv_cache_tokens=2048, max_num_seqs=16, max_gpu_adapters=3,
                           max_host_adapters=4, adapter_roots=[str(roots)], api_keys=[API_KEY], admin_key=ADMIN_KEY,
                           max_body_bytes=64 << 10, max_tokens_limit=64, max_n=4)
-    with runtime.reference_kernels():  # fp32 end to end on the PyTorch references (process-wide)
-        state = ServerState(config)
-        port = free_port()
-        srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=srv.run, daemon=True)
-        thread.start()
-        assert state.ready.wait(120), state.failed
-        while not srv.started:
-            time.sleep(0.01)
+    with live_server(config) as (url, state):
         oracle = load_model(root / "base", dtype=torch.float32, progress=False)
-        yield {"url": f"http://127.0.0.1:{port}", "state": state, "paths": paths, "root": root, "oracle": oracle}
-        srv.should_exit = True
-        thread.join(30)
+        yield {"url": url, "state": state, "paths": paths, "root": root, "oracle": oracle}
 
 
 def client(s, key=API_KEY) -> openai.OpenAI:
