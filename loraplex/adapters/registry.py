@@ -29,6 +29,7 @@ import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -181,8 +182,7 @@ class AdapterRegistry:
                                f"and . _ : @ + / -, starting with a letter or digit")
         path = Path(path)
         with self._lock:
-            if name in self._loading or (name in self._names and not replace):
-                raise AdapterExistsError(f"adapter {name!r} is already registered (ask for replace to swap it)")
+            self._check_name_free(name, replace)
             if pin:
                 self._check_pin_room(extra=1)
             entry = AdapterEntry(name, path, 0, [], 0, owns_path=_owns_path)
@@ -221,9 +221,7 @@ class AdapterRegistry:
         """Stop new requests for `name` at once; it is gone when its running requests finish,
         or, with `force`, at the next step, ending them with finish reason "abort"."""
         with self._lock:
-            entry = self._names.get(name)
-            if entry is None:
-                raise UnknownAdapterError(name)
+            entry = self._entry(name)
             self._drain(entry)
             if force and entry.refcount > 0:
                 self._ends.append((entry, FinishReason.ABORT, f"adapter {name!r} was unloaded"))
@@ -236,50 +234,30 @@ class AdapterRegistry:
         if not sources:
             raise AdapterError("merge needs at least one source adapter")
         with self._lock:
-            if name in self._loading or (name in self._names and not replace):
-                raise AdapterExistsError(f"adapter {name!r} is already registered (ask for replace to swap it)")
-            missing = [source for source, _ in sources if source not in self._names]
-            if missing:
-                raise UnknownAdapterError(missing[0])
-            held = [self._names[source] for source, _ in sources]
-            for entry in held:
-                entry.refcount += 1  # kept from being retired while we read it
+            self._check_name_free(name, replace)
         out = self.work_dir / f"{_safe_dirname(name)}-{uuid.uuid4().hex[:8]}"
-        try:
-            adapters = [(self._read(entry.path), w) for entry, (_, w) in zip(held, sources)]
-            merged = merge_adapters(adapters, method, max_rank=self.config.max_rank, **options)
-            write_peft_adapter(merged, out)
-        except BaseException:
-            shutil.rmtree(out, ignore_errors=True)
-            raise
-        finally:
-            with self._lock:
-                for entry in held:
-                    self.release(entry)
+        with self._held([source for source, _ in sources]) as held:
+            try:
+                adapters = [(self._read(entry.path), w) for entry, (_, w) in zip(held, sources)]
+                merged = merge_adapters(adapters, method, max_rank=self.config.max_rank, **options)
+                write_peft_adapter(merged, out)
+            except BaseException:
+                shutil.rmtree(out, ignore_errors=True)
+                raise
         return self.register(name, out, replace=replace, pin=pin, _owns_path=True)
 
     def export(self, name: str, dest: str | Path) -> Path:
         """Write `name` as a PEFT directory at `dest` (which must not exist or be empty)."""
-        with self._lock:
-            entry = self._names.get(name)
-            if entry is None:
-                raise UnknownAdapterError(name)
-            entry.refcount += 1
-        try:
+        with self._held([name]) as (entry,):
             dest = Path(dest)
             if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
                 raise AdapterError(f"export destination {str(dest)!r} exists and is not an empty directory")
             return write_peft_adapter(self._read(entry.path), dest)
-        finally:
-            with self._lock:
-                self.release(entry)
 
     def pin(self, name: str, pinned: bool = True) -> AdapterInfo:
         """Keep `name` in a GPU slot (loaded at the next step) or let it be evicted again."""
         with self._lock:
-            entry = self._names.get(name)
-            if entry is None:
-                raise UnknownAdapterError(name)
+            entry = self._entry(name)
             if pinned and not entry.pinned:
                 self._check_pin_room(extra=1)
                 self._want(entry)
@@ -336,9 +314,7 @@ class AdapterRegistry:
 
     def acquire(self, name: str) -> AdapterEntry:
         with self._lock:
-            entry = self._names.get(name)
-            if entry is None:
-                raise UnknownAdapterError(name)
+            entry = self._entry(name)
             entry.refcount += 1
             entry.requests += 1
             if entry.slot is None:
@@ -412,6 +388,30 @@ class AdapterRegistry:
                 self.on_event(kind, name, seconds)
             except Exception:
                 log.exception("adapter event hook failed")
+
+    def _entry(self, name: str) -> AdapterEntry:
+        entry = self._names.get(name)
+        if entry is None:
+            raise UnknownAdapterError(name)
+        return entry
+
+    def _check_name_free(self, name: str, replace: bool) -> None:
+        if name in self._loading or (name in self._names and not replace):
+            raise AdapterExistsError(f"adapter {name!r} is already registered (ask for replace to swap it)")
+
+    @contextmanager
+    def _held(self, names: list[str]):
+        """The entries of `names`, kept from being retired while files are read (any thread)."""
+        with self._lock:
+            held = [self._entry(name) for name in names]
+            for entry in held:
+                entry.refcount += 1
+        try:
+            yield held
+        finally:
+            with self._lock:
+                for entry in held:
+                    self.release(entry)
 
     def _check_pin_room(self, extra: int) -> None:
         pinned = sum(e.pinned for e in self._names.values())
