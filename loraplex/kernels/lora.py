@@ -144,13 +144,6 @@ class LoRAStack:
             self.scaling[slot, l] = 0.0 if entry is None else entry[2]
             self.rank[slot, l] = r
 
-    def clear_slot(self, slot: int) -> None:
-        """No adapter in `slot` (its tokens would get no delta)."""
-        self.a[slot].zero_()
-        self.b[slot].zero_()
-        self.scaling[slot] = 0.0
-        self.rank[slot] = 0
-
 
 # ----------------------------------------------------------------------------------------
 # Per-step metadata

@@ -150,9 +150,6 @@ class CausalLM(nn.Module):
         linears missing from it are not targeted."""
         self.lora_pool.write(slot, modules)
 
-    def clear_lora_slot(self, slot: int) -> None:
-        self.lora_pool.clear(slot)
-
     def resident_bytes(self) -> int:
         quant = sum(m.resident_bytes() for m in self.linears().values())
         dense = {id(t): t.numel() * t.element_size() for t in
