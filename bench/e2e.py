@@ -149,6 +149,21 @@ TARGETS = {  # --targets: which linears the random adapters (ours and the baseli
 }
 
 
+def random_lora(num_layers: int, shapes: dict[str, tuple[int, int]], names, rank: int, scaling: float, seed: int,
+                device: torch.device) -> dict[str, ModuleLoRA]:
+    """Seeded random bf16 LoRA modules on linears `names` (shapes: name -> (out, in)) of every
+    layer, drawn on the device; small B so the deltas stay small beside the base."""
+    gen = torch.Generator(device).manual_seed(seed)
+    out = {}
+    for i in range(num_layers):
+        for name in names:
+            n, k = shapes[name]
+            a = torch.randn(rank, k, generator=gen, device=device, dtype=DTYPE) / math.sqrt(k)
+            b = torch.randn(n, rank, generator=gen, device=device, dtype=DTYPE) * 0.01
+            out[f"layers.{i}.{name}"] = ModuleLoRA(a, b, scaling)
+    return out
+
+
 class RandomAdapter:
     """Rank-16 LoRA on the chosen linears of every layer. `.modules` is drawn on the device when
     read (StaticAdapters reads it once, into the adapter's slot), so only one adapter's A and B
@@ -159,16 +174,9 @@ class RandomAdapter:
 
     @property
     def modules(self) -> dict[str, ModuleLoRA]:
-        gen = torch.Generator(self.device).manual_seed(10_000 + self.index)
-        out = {}
-        for i in range(self.config.num_hidden_layers):
-            for name, (n, k) in ModelConfig.from_hf(self.config).linear_shapes.items():
-                if name not in self.targets:
-                    continue
-                a = torch.randn(RANK, k, generator=gen, device=self.device, dtype=DTYPE) / math.sqrt(k)
-                b = torch.randn(n, RANK, generator=gen, device=self.device, dtype=DTYPE) * 0.01
-                out[f"layers.{i}.{name}"] = ModuleLoRA(a, b, ALPHA / RANK)
-        return out
+        shapes = ModelConfig.from_hf(self.config).linear_shapes
+        return random_lora(self.config.num_hidden_layers, shapes, [n for n in shapes if n in self.targets], RANK,
+                           ALPHA / RANK, 10_000 + self.index, self.device)
 
 
 def adapter_bytes(mc: ModelConfig, targets: tuple[str, ...] = LINEAR_NAMES) -> int:

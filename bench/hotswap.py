@@ -50,7 +50,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import queue
 import sys
 import tempfile
@@ -64,8 +63,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
-from loraplex.adapters.peft_format import (WEIGHTS_NAME, BaseModelSpec, LoRAAdapter, ModuleLoRA,  # noqa: E402
-                                           write_peft_adapter)
+from loraplex.adapters.peft_format import (WEIGHTS_NAME, BaseModelSpec, LoRAAdapter, write_peft_adapter)
 from loraplex.adapters.registry import AdapterRegistry, RegistryConfig  # noqa: E402
 from loraplex.engine.engine import Engine, EngineConfig  # noqa: E402
 from loraplex.engine.kv_cache import kv_bytes_per_token  # noqa: E402
@@ -76,7 +74,7 @@ from loraplex.model.config import ModelConfig  # noqa: E402
 from loraplex.model.llama import build_model  # noqa: E402
 
 from bench.e2e import (DTYPE, MODELS, SEED, TARGETS, SyntheticReader, hf_config, percentile,  # noqa: E402
-                       prompts_for, synthetic_tokenizer)
+                       prompts_for, random_lora, synthetic_tokenizer)
 from bench.nf4_matmul import Target, bench_device, environment, fmt, markdown  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "hotswap.json"
@@ -97,15 +95,7 @@ BLOCK_SIZE = 16                          # the engine's default KV block
 def random_adapter(spec: BaseModelSpec, seed: int, rank: int, targets: tuple[str, ...],
                    device: torch.device) -> LoRAAdapter:
     """Random rank-`rank` bf16 LoRA on `targets` of every layer (drawn on the device, seeded)."""
-    gen = torch.Generator(device).manual_seed(seed)
-    modules = {}
-    for i in range(spec.num_layers):
-        for name in targets:
-            n, k = spec.shapes[name]
-            a = torch.randn(rank, k, generator=gen, device=device, dtype=DTYPE) / math.sqrt(k)
-            b = torch.randn(n, rank, generator=gen, device=device, dtype=DTYPE) * 0.01
-            modules[f"layers.{i}.{name}"] = ModuleLoRA(a, b, ALPHA_OVER_RANK)
-    return LoRAAdapter(modules=modules)
+    return LoRAAdapter(modules=random_lora(spec.num_layers, spec.shapes, targets, rank, ALPHA_OVER_RANK, seed, device))
 
 
 def write_files(root: Path, prefix: str, count: int, spec: BaseModelSpec, args, device: torch.device,
