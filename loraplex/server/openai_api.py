@@ -93,11 +93,11 @@ def check_fits(state: ServerState, prompt_len: int, params: SamplingParams, adap
 
 
 def tokenize_prompts(state: ServerState, prompt) -> list[list[int]]:
-    tok = state.tokenizer
     if isinstance(prompt, str):
-        prompts = [tok.encode(prompt)]
-    elif prompt and all(isinstance(p, str) for p in prompt):
-        prompts = [tok.encode(p) for p in prompt]
+        prompt = [prompt]
+    given_ids = True  # token ids from the client are range-checked; the tokenizer's need not be
+    if prompt and all(isinstance(p, str) for p in prompt):
+        prompts, given_ids = [state.tokenizer.encode(p) for p in prompt], False
     elif prompt and all(isinstance(p, int) for p in prompt):
         prompts = [list(prompt)]
     elif prompt and all(isinstance(p, list) for p in prompt):
@@ -108,7 +108,7 @@ def tokenize_prompts(state: ServerState, prompt) -> list[list[int]]:
     for ids in prompts:
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
-        if any(not 0 <= t < vocab for t in ids):
+        if given_ids and any(not 0 <= t < vocab for t in ids):
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
     return prompts
 
