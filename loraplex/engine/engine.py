@@ -20,7 +20,7 @@ from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockAllocator, KVCache, blocks_for_memory
 from .request import FinishReason, Request, RequestOutput, Status
 from .runner import ModelRunner
-from .sampling import make_generator, sample
+from .sampling import SamplingParams, make_generator, sample
 from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 
 log = logging.getLogger("loraplex.engine")
@@ -218,6 +218,19 @@ class Engine:
         engine stays usable)."""
         for request_id in list(self.requests):
             self.abort(request_id, reason, error)
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def warm_up(self, adapters: list[str] = ()) -> None:
+        """Run before serving: one short generation on the base model and on each adapter in
+        `adapters`, so that kernels are compiled before the first client waits for them.
+        Requires an idle engine."""
+        if self.has_work():
+            raise RuntimeError("warm_up() needs an idle engine")
+        prompt = list(range(1, 9))
+        for i, adapter in enumerate([None, *adapters]):
+            self.add_request(Request(f"warm-up-{i}", prompt, SamplingParams(max_tokens=2, ignore_eos=True), adapter))
+        self.run_until_done()
 
     # -- convenience for tests and scripts --------------------------------------------------
 

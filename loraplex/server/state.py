@@ -19,8 +19,6 @@ from ..adapters.registry import AdapterRegistry, RegistryConfig
 from ..demo import ADAPTERS_DIR, MODEL_DIR, adapter_paths
 from ..engine.async_engine import AsyncEngine
 from ..engine.engine import Engine, EngineConfig
-from ..engine.request import Request
-from ..engine.sampling import SamplingParams
 from ..model.loader import load_model
 from .config import ServerConfig
 from .metrics import ServerMetrics, Snapshot
@@ -115,21 +113,12 @@ class ServerState:
                         EngineConfig(max_num_seqs=c.max_num_seqs, kv_cache_tokens=c.kv_cache_tokens,
                                      memory_fraction=c.gpu_memory_fraction, max_model_len=c.max_model_len),
                         eos_token_ids=eos_token_ids(model_dir, loaded.tokenizer))
-        self._warm_up(engine, list(c.adapters))
+        engine.warm_up(list(c.adapters))
         engine.on_step = self.metrics.observe_step
         self.registry, self.engine, self.max_model_len = registry, engine, engine.max_model_len
         self.async_engine = AsyncEngine(engine).start()
         self.ready.set()
         log.info("ready: %s with %d adapters in %.1f s", self.model_name, len(c.adapters), time.monotonic() - started)
-
-    @staticmethod
-    def _warm_up(engine: Engine, adapters: list[str]) -> None:
-        """One short generation on the base model and each startup adapter: compiles the kernels
-        (Triton JIT) before the first client waits for them."""
-        prompt = list(range(1, 9))
-        for i, adapter in enumerate([None, *adapters]):
-            engine.add_request(Request(f"warm-up-{i}", prompt, SamplingParams(max_tokens=2, ignore_eos=True), adapter))
-        engine.run_until_done()
 
     def shutdown(self) -> None:
         self.draining = True
