@@ -30,6 +30,8 @@ class ServerConfig:
     gpu_memory_fraction: float = 0.90
     max_model_len: int | None = None
     max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048           # tokens per engine step (chunked-prefill budget)
+    enforce_eager: bool = False                  # no CUDA graphs
     max_gpu_adapters: int = 8
     max_host_adapters: int = 32
     max_rank: int = 16
@@ -53,9 +55,12 @@ class ServerConfig:
         if any(not k for k in [*self.api_keys, *([self.admin_key] if self.admin_key is not None else [])]):
             raise ValueError("API and admin keys must not be empty")
         for name in ("max_gpu_adapters", "max_host_adapters", "max_rank", "max_body_bytes", "max_tokens_limit",
-                     "max_n", "max_queue", "max_num_seqs"):
+                     "max_n", "max_queue", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be >= --max-num-seqs "
+                             f"({self.max_num_seqs}): every running sequence decodes one token per step")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError("--gpu-memory-fraction must be in (0, 1]")
         for root in self.adapter_roots:
@@ -63,8 +68,13 @@ class ServerConfig:
                 raise ValueError(f"--adapter-root {root!r} is not a directory")
 
 
+def _var(name: str) -> str:
+    """The environment variable of flag `name`: max-gpu-adapters -> LORAPLEX_MAX_GPU_ADAPTERS."""
+    return ENV_PREFIX + name.upper().replace("-", "_")
+
+
 def _env(name: str) -> str | None:
-    value = os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"))
+    value = os.environ.get(_var(name))
     return value or None  # set but empty (e.g. passed through by compose) = not set
 
 
@@ -80,7 +90,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     d = ServerConfig()
 
     def flag(name: str, help: str, *, type=str, default=None, repeat: bool = False, sep: str = ",", **kw):
-        env, var = _env(name), ENV_PREFIX + name.upper().replace("-", "_")
+        env, var = _env(name), _var(name)
         if repeat:
             value = [type(v) for v in env.split(sep) if v] if env else []
             listed = "os.pathsep" if sep == os.pathsep else "comma"
@@ -91,6 +101,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             value = type(env) if env is not None else default
             shown = "" if default is None else f"; default {default}"
             p.add_argument(f"--{name}", type=type, default=value, help=f"{help} [env {var}{shown}]", **kw)
+
+    def switch(name: str, help: str):
+        """A boolean flag, off unless given or its variable is 1, true or yes."""
+        p.add_argument(f"--{name}", action="store_true", default=(_env(name) or "").lower() in ("1", "true", "yes"),
+                       help=f"{help} [env {_var(name)}=1]")
 
     flag("model", "Hugging Face model directory (bf16/fp16/fp32 is quantized to NF4 while loading; a "
                   "bitsandbytes NF4 checkpoint loads as stored); without it the bundled demo model is served "
@@ -109,6 +124,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
          default=d.gpu_memory_fraction)
     flag("max-model-len", "longest prompt + generation in tokens (default: the model's)", type=int)
     flag("max-num-seqs", "sequences decoded together at most", type=int, default=d.max_num_seqs)
+    flag("max-num-batched-tokens", "tokens one engine step runs at most (decodes plus prompt chunks; longer "
+                                   "prompts are prefilled in chunks); at least --max-num-seqs", type=int,
+         default=d.max_num_batched_tokens)
+    switch("enforce-eager", "run every step eagerly, without CUDA graphs (slower decoding; to debug, or to "
+                            "compare with the graphs)")
     flag("max-gpu-adapters", "adapters resident on the GPU at once (pre-allocated slots)", type=int,
          default=d.max_gpu_adapters)
     flag("max-host-adapters", "adapters kept in pinned host memory; the rest stay on disk", type=int,
@@ -120,10 +140,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     flag("api-key", "key required on /v1/* as 'Authorization: Bearer KEY'; none = /v1/* is open",
          repeat=True, metavar="KEY")
     flag("admin-key", "key required on admin routes, distinct from the API keys", metavar="KEY")
-    p.add_argument("--allow-unauthenticated-admin", action="store_true",
-                   default=(_env("allow-unauthenticated-admin") or "").lower() in ("1", "true", "yes"),
-                   help="without --admin-key, leave admin routes open instead of answering 403, only on a "
-                        "trusted network [env LORAPLEX_ALLOW_UNAUTHENTICATED_ADMIN=1]")
+    switch("allow-unauthenticated-admin", "without --admin-key, leave admin routes open instead of answering "
+                                          "403, only on a trusted network")
     flag("cors-origin", "allowed CORS origin ('*' for any); none = no CORS headers", repeat=True, metavar="ORIGIN")
     flag("max-body-bytes", "largest request body accepted (413 beyond)", type=int, default=d.max_body_bytes)
     flag("max-prompt-tokens", "longest prompt accepted (default: the context length)", type=int)
@@ -144,7 +162,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=args.model, adapters=dict(listed("adapter")), host=args.host, port=args.port,
         served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         kv_cache_tokens=args.kv_cache_tokens, gpu_memory_fraction=args.gpu_memory_fraction,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_gpu_adapters=args.max_gpu_adapters,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+        max_gpu_adapters=args.max_gpu_adapters,
         max_host_adapters=args.max_host_adapters, max_rank=args.max_rank, adapter_roots=listed("adapter_root"),
         api_keys=listed("api_key"), admin_key=args.admin_key,
         allow_unauthenticated_admin=args.allow_unauthenticated_admin, cors_origins=listed("cors_origin"),

@@ -110,8 +110,10 @@ class ServerState:
                 raise ValueError(f"--adapter {name}: the base model is served under that name")
             registry.register(name, path)
         engine = Engine(loaded.model, loaded.tokenizer, registry,
-                        EngineConfig(max_num_seqs=c.max_num_seqs, kv_cache_tokens=c.kv_cache_tokens,
-                                     memory_fraction=c.gpu_memory_fraction, max_model_len=c.max_model_len),
+                        EngineConfig(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+                                     kv_cache_tokens=c.kv_cache_tokens, memory_fraction=c.gpu_memory_fraction,
+                                     max_model_len=c.max_model_len,
+                                     **({"cuda_graph_max_batch": 0} if c.enforce_eager else {})),
                         eos_token_ids=eos_token_ids(model_dir, loaded.tokenizer))
         engine.warm_up(list(c.adapters))
         engine.on_step = self.metrics.observe_step

@@ -13,7 +13,10 @@ import httpx
 import pytest
 
 from loraplex.cli import build_parser
-from loraplex.server.config import config_from_args
+from loraplex.engine.engine import EngineConfig
+from loraplex.kernels import runtime
+from loraplex.server.config import ServerConfig, config_from_args
+from loraplex.server.state import ServerState
 from tests.factory import make_model
 from tests.server.test_server import PROMPT, free_port
 
@@ -44,15 +47,46 @@ def test_flags_and_environment(monkeypatch, tmp_path):
         parse(["--adapter", "no-equals-sign"])
 
 
+def test_engine_flags_parse_check_and_reach_the_engine(monkeypatch):
+    c = parse(["--max-num-batched-tokens", "64", "--max-num-seqs", "8", "--enforce-eager", "--device", "cpu"])
+    assert c.max_num_batched_tokens == 64 and c.max_num_seqs == 8 and c.enforce_eager
+    d = parse([])
+    assert d.max_num_batched_tokens == 2048 == EngineConfig().max_num_batched_tokens and not d.enforce_eager
+    e = parse([], {"LORAPLEX_MAX_NUM_BATCHED_TOKENS": "512", "LORAPLEX_ENFORCE_EAGER": "1"}, monkeypatch)
+    assert e.max_num_batched_tokens == 512 and e.enforce_eager
+    monkeypatch.setenv("LORAPLEX_ENFORCE_EAGER", "0")
+    assert not parse([]).enforce_eager
+    for argv, message in ((["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be >= 1"),
+                          (["--max-num-batched-tokens", "100"],  # under the default --max-num-seqs 256
+                           r"--max-num-batched-tokens \(100\) must be >= --max-num-seqs \(256\)")):
+        with pytest.raises(ValueError, match=message):
+            parse(argv)
+
+    # the bundled demo on CPU: the values are in the engine's config (no graphs on CPU anyway)
+    with runtime.reference_kernels():
+        for config, graph_batch in ((c, 0), (ServerConfig(device="cpu", max_num_seqs=8), 256)):
+            state = ServerState(config)
+            state.start(background=False)
+            try:
+                engine = state.engine
+                assert engine.config.cuda_graph_max_batch == graph_batch and engine.runner.graphs is None
+                assert engine.config.max_num_batched_tokens == config.max_num_batched_tokens
+                assert engine.scheduler.config.max_num_batched_tokens == config.max_num_batched_tokens
+            finally:
+                state.shutdown()
+
+
 def test_help_documents_every_flag():
     text = subprocess.run([sys.executable, "-m", "loraplex.cli", "serve", "--help"], capture_output=True,
                           text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "200"}).stdout
     for flag in ("--model", "--adapter", "--host", "--port", "--served-model-name", "--dtype", "--kv-cache-tokens",
                  "--max-gpu-adapters", "--max-host-adapters", "--max-rank", "--adapter-root", "--api-key",
                  "--admin-key", "--allow-unauthenticated-admin", "--cors-origin", "--log-level", "--max-body-bytes",
-                 "--max-tokens-limit", "--max-n", "--max-queue", "--shutdown-timeout"):
+                 "--max-tokens-limit", "--max-n", "--max-queue", "--shutdown-timeout", "--max-num-batched-tokens",
+                 "--enforce-eager"):
         assert flag in text, flag
     assert "LORAPLEX_MAX_GPU_ADAPTERS" in text and "SIGTERM" in text
+    assert "LORAPLEX_ENFORCE_EAGER=1" in text and "LORAPLEX_MAX_NUM_BATCHED_TOKENS" in text
 
 
 def test_sigterm_finishes_running_streams_then_exits_zero(tmp_path):
