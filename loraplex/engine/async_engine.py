@@ -5,6 +5,13 @@ submit requests and read their outputs through thread-safe hand-offs.
 
 Leaving the loop early (the client disconnected, the task was cancelled) aborts the request
 at the next step boundary and frees its KV blocks and adapter reference.
+
+Failures: a step that raises fails the requests the engine holds (finish reason ERROR, a
+message that names the request and points to the log, never the exception's text) and the
+engine carries on; `health` turns to a reason after UNHEALTHY_AFTER_FAILED_STEPS failed steps
+in a row (a sticky CUDA error fails every step) and back to None after a step succeeds. An
+exception that escapes the loop ends the thread for good: every request and call still
+waiting is failed, so no client hangs, and `generate()` / `call()` raise EngineStoppedError.
 """
 
 from __future__ import annotations
@@ -24,9 +31,19 @@ from .sampling import SamplingParams
 log = logging.getLogger("loraplex.engine")
 T = TypeVar("T")
 
+# Failed steps in a row after which `health` reports the engine unhealthy (/ready turns 503).
+# One failure can be a bad batch; three in a row look like a broken device (a sticky CUDA error).
+UNHEALTHY_AFTER_FAILED_STEPS = 3
+
 
 class EngineStoppedError(RuntimeError):
-    pass
+    """The engine thread is not running (shut down, or it died); the message is safe to show."""
+
+
+def internal_error(what: str, request_id: str) -> str:
+    """A client's message for a failure inside the engine: what happened and where to look. The
+    exception's own text stays in the log: it can hold server paths and device details."""
+    return f"{what}; see the server log (request {request_id})"
 
 
 class AsyncEngine:
@@ -34,8 +51,17 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
-        self.steps = 0
+        self._thread = threading.Thread(target=self._main, name="loraplex-engine", daemon=True)
+        self.steps = 0              # steps that computed tokens
+        self.failed_steps = 0       # steps that raised, in a row (a successful step resets it)
+        self.step_failures = 0      # steps that raised, in all
+        self.died = False           # an exception escaped the step loop: the thread is gone for good
+        # What waits on the thread, failed when it ends: requests by generate(), futures by call().
+        # The lock orders registering against the thread's exit, so nothing slips in after it.
+        self._lock = threading.Lock()
+        self._exited = False
+        self._requests: set[Request] = set()
+        self._calls: set[concurrent.futures.Future] = set()
 
     def start(self) -> AsyncEngine:
         self._thread.start()
@@ -43,7 +69,16 @@ class AsyncEngine:
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive() and not self._stop.is_set()
+        return self._thread.is_alive() and not self._stop.is_set() and not self._exited
+
+    @property
+    def health(self) -> str | None:
+        """None while the engine serves; else why not, in a few words safe to show (for /ready)."""
+        if self.died:
+            return "the engine thread has stopped"
+        if self.failed_steps >= UNHEALTHY_AFTER_FAILED_STEPS:
+            return f"the last {self.failed_steps} engine steps failed"
+        return None
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort what is left and stop the engine thread."""
@@ -54,6 +89,38 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     # -- engine thread --------------------------------------------------------------------
+
+    def _main(self) -> None:
+        """The engine thread: the step loop; on the way out, stopped or dead, every request and
+        call still waiting is ended so that no client waits forever."""
+        try:
+            self._loop()
+        except BaseException:  # anything at all: the thread is gone, say so and fail what waits
+            self.died = True
+            log.critical("the engine thread died; failing every request still running:\n%s", traceback.format_exc())
+        finally:
+            with self._lock:
+                self._exited = True
+                requests, calls = list(self._requests), list(self._calls)
+            reason = FinishReason.ERROR if self.died else FinishReason.ABORT
+            for req in requests:
+                # Straight to the request's channel, not through the engine, whose state may be
+                # what broke. A request that finished already gets a second last output, which
+                # generate() never reads.
+                error = internal_error("the engine stopped after an internal error", req.request_id) if self.died else None
+                try:
+                    req.on_output(RequestOutput(req.request_id, [], "", None, finished=True, finish_reason=reason,
+                                                prompt_tokens=len(req.prompt_ids),
+                                                completion_tokens=len(req.output_ids), error=error))
+                except Exception:  # its event loop is closed: nobody waits on it any more
+                    pass
+            for future in calls:
+                if not future.done():
+                    future.set_exception(EngineStoppedError(self._stopped_message()))
+
+    def _stopped_message(self) -> str:
+        return "the engine has stopped after an internal error; see the server log" if self.died \
+            else "the engine is not running"
 
     def _loop(self) -> None:
         computed = True
@@ -76,11 +143,18 @@ class AsyncEngine:
                 return
             try:
                 computed = self.engine.step() > 0
-                if computed:
+                if computed:  # an idle step runs no model: it proves nothing about the device
                     self.steps += 1
-            except Exception as exc:  # a failed step must not take the server down
-                log.error("engine step failed; failing its requests:\n%s", traceback.format_exc())
-                self.engine.abort_all(FinishReason.ERROR, f"internal error in the engine step: {type(exc).__name__}: {exc}")
+                    self.failed_steps = 0
+            except Exception:  # a failed step must not take the server down
+                self.failed_steps += 1
+                self.step_failures += 1
+                doomed = list(self.engine.requests)
+                log.error("engine step failed (%d in a row); failing requests %s:\n%s", self.failed_steps,
+                          ", ".join(doomed), traceback.format_exc())
+                for request_id in doomed:
+                    self.engine.abort(request_id, FinishReason.ERROR,
+                                      internal_error("internal error in the engine", request_id))
 
     def _run(self, command: Callable[[], None]) -> None:
         try:
@@ -90,11 +164,17 @@ class AsyncEngine:
 
     # -- asyncio side ---------------------------------------------------------------------
 
+    def _enlist(self, waiter: set, item) -> None:
+        """Add `item` to what the thread fails when it ends; EngineStoppedError if it has ended."""
+        with self._lock:
+            if not self.running:
+                raise EngineStoppedError(self._stopped_message())
+            waiter.add(item)
+
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread between steps and return its result (or raise its error)."""
-        if not self.running:
-            raise EngineStoppedError("the engine is not running")
         future: concurrent.futures.Future = concurrent.futures.Future()
+        self._enlist(self._calls, future)
 
         def command():
             try:
@@ -102,7 +182,11 @@ class AsyncEngine:
             except BaseException as exc:
                 future.set_exception(exc)
         self._commands.put(command)
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            with self._lock:
+                self._calls.discard(future)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        adapter: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -111,12 +195,13 @@ class AsyncEngine:
         Requests that can never run (too long, unknown adapter) raise before the first output
         (RequestError, UnknownAdapterError), even when the adapter goes away after this check."""
         if not self.running:
-            raise EngineStoppedError("the engine is not running")
+            raise EngineStoppedError(self._stopped_message())
         self.engine.check_request(len(prompt_ids), params.max_tokens, adapter)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         req = Request(request_id, list(prompt_ids), params, adapter,
                       on_output=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        self._enlist(self._requests, req)
 
         def add():
             try:
@@ -134,5 +219,7 @@ class AsyncEngine:
                 finished = out.finished
                 yield out
         finally:
+            with self._lock:
+                self._requests.discard(req)
             if not finished:
                 self._commands.put(lambda: self.engine.abort(request_id))
