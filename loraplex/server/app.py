@@ -80,11 +80,21 @@ def create_app(state: ServerState, start: bool = True) -> FastAPI:
 
     @app.get("/ready")
     async def ready():
-        """200 once the model is loaded and warmed and the server is not shutting down."""
-        if state.ready.is_set() and not state.draining:
-            return {"status": "ready", "model": state.model_name}
-        status = "draining" if state.draining else "failed" if state.failed else "loading"
-        return Response(json.dumps({"status": status, "error": state.failed}), status_code=503,
+        """200 once the model is loaded and warmed, while the engine is healthy (its thread runs and
+        the last UNHEALTHY_AFTER_FAILED_STEPS steps did not all fail) and the server is not
+        shutting down; else 503 with the status and, for a failure, why."""
+        status, error = "ready", None
+        if state.draining:
+            status = "draining"
+        elif state.failed:
+            status, error = "failed", state.failed
+        elif not state.ready.is_set():
+            status = "loading"
+        elif (error := state.async_engine.health) is not None:
+            status = "unhealthy"
+        if status == "ready":
+            return {"status": status, "model": state.model_name}
+        return Response(json.dumps({"status": status, "error": error}), status_code=503,
                         media_type="application/json")
 
     @app.get("/metrics")

@@ -26,9 +26,12 @@ Counters
     loraplex_model_requests_total{model}        finished requests per base model / adapter name
     loraplex_model_generation_tokens_total{model}
     loraplex_preemptions_total                  sequences preempted for KV cache space
-Gauges, read from `Snapshot` at scrape time
+Read from `Snapshot` at scrape time
     loraplex_requests_running, loraplex_requests_waiting, loraplex_kv_cache_usage_ratio (0..1),
-    loraplex_adapters{tier="gpu"|"host"|"disk"}, loraplex_gpu_adapter_slots
+    loraplex_adapters{tier="gpu"|"host"|"disk"}, loraplex_gpu_adapter_slots,
+    loraplex_engine_healthy (1; 0 once the engine thread died or the last
+    UNHEALTHY_AFTER_FAILED_STEPS steps all failed, as /ready reports), and one counter,
+    loraplex_engine_step_failures_total (engine steps that raised; their requests failed)
 vLLM-named gauges, for the Gateway API Inference Extension's endpoint picker (queue depth, KV
 use and LoRA affinity routing); same values as above
     vllm:num_requests_running{model_name}, vllm:num_requests_waiting{model_name},
@@ -52,7 +55,7 @@ from dataclasses import dataclass
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, exposition
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = logging.getLogger("loraplex.metrics")
 
@@ -89,6 +92,8 @@ class Snapshot:
     running_adapters: list[str]        # adapters in GPU slots, ready to serve at once
     waiting_adapters: list[str]        # adapters with requests waiting for a slot
     max_lora: int                      # GPU adapter slots
+    engine_healthy: bool = True        # AsyncEngine.health is None (also while the model loads)
+    engine_step_failures: int = 0      # engine steps that raised, in all
 
 
 def _label(value) -> str:
@@ -135,6 +140,10 @@ class _SnapshotCollector:
         adapters = GaugeMetricFamily("loraplex_adapters", "Registered adapters by where their weights are "
                                      "(gpu slot, pinned host row, disk only).", labels=["tier"])
         slots = GaugeMetricFamily("loraplex_gpu_adapter_slots", "GPU adapter slots (adapters servable at once).")
+        healthy = GaugeMetricFamily("loraplex_engine_healthy", "1 while the engine serves; 0 once its thread "
+                                    "died or its last steps all failed (/ready is 503).")
+        step_failures = CounterMetricFamily("loraplex_engine_step_failures", "Engine steps that raised (their "
+                                            "requests finished with an error).")
         v_running = GaugeMetricFamily("vllm:num_requests_running", "Number of requests in model execution "
                                       "batches (vLLM-compatible name).", labels=["model_name"])
         v_waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Number of requests waiting to be processed "
@@ -154,13 +163,16 @@ class _SnapshotCollector:
             for tier in dict.fromkeys((*TIERS, *snap.adapters_by_tier)):
                 adapters.add_metric([tier], float(snap.adapters_by_tier.get(tier, 0)))
             slots.add_metric([], float(snap.max_lora))
+            healthy.add_metric([], float(snap.engine_healthy))
+            step_failures.add_metric([], float(snap.engine_step_failures))
             v_running.add_metric(model, float(snap.running))
             v_waiting.add_metric(model, float(snap.waiting))
             v_kv.add_metric(model, usage)
             v_gpu_kv.add_metric(model, usage)
             v_lora.add_metric([str(int(snap.max_lora)), _joined(snap.running_adapters),
                                _joined(snap.waiting_adapters)], time.time())
-        return [running, waiting, kv, adapters, slots, v_running, v_waiting, v_kv, v_gpu_kv, v_lora]
+        return [running, waiting, kv, adapters, slots, healthy, step_failures, v_running, v_waiting, v_kv, v_gpu_kv,
+                v_lora]
 
 
 class ServerMetrics:

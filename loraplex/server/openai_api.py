@@ -46,6 +46,15 @@ def check_serving(state: ServerState) -> None:
         raise APIError(503, "the server is shutting down")
     if not state.ready.is_set():
         raise APIError(503, f"the model is not ready: {state.failed}" if state.failed else "the model is still loading")
+    # Only a dead engine thread refuses requests: it never comes back. After failed steps in a
+    # row /ready is 503 (routers send traffic elsewhere), but what still arrives is admitted:
+    # each request is the only way to find out whether steps succeed again (the failures
+    # ended every request, so no step runs without new ones), and refusing them would keep
+    # the server unready for good after a passing fault. Under a sticky error each fails
+    # fast with a 500.
+    if not state.async_engine.running:
+        raise APIError(503, f"the model cannot serve: {state.async_engine.health or 'the engine is not running'}; "
+                            f"see the server log")
     if len(state.engine.scheduler.waiting) >= state.config.max_queue:
         raise APIError(429, f"too many requests waiting ({state.config.max_queue}); retry later")
 

@@ -132,14 +132,15 @@ class ServerState:
     # -- queries --------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        engine, registry = self.engine, self.registry
-        if engine is None or registry is None:
+        engine, registry, async_engine = self.engine, self.registry, self.async_engine
+        if engine is None or registry is None or async_engine is None:
             return Snapshot(0, 0, 0.0, {"gpu": 0, "host": 0, "disk": 0}, [], [], self.config.max_gpu_adapters)
         usage = registry.usage()
         running, waiting = registry.resident_and_waiting()
         return Snapshot(len(engine.scheduler.running), len(engine.scheduler.waiting), engine.allocator.usage(),
                         {t: usage[f"tier_{t}"] for t in ("gpu", "host", "disk")}, running, waiting,
-                        registry.num_slots)
+                        registry.num_slots, engine_healthy=async_engine.health is None,
+                        engine_step_failures=async_engine.step_failures)
 
     def resolve_adapter_path(self, path: str) -> Path:
         """The real path of `path`, if it lies inside an allowed adapter root; else PermissionError."""

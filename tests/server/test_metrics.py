@@ -176,6 +176,12 @@ def test_gauges_follow_the_snapshot_and_model_name(metrics, state):
     assert value(f, "vllm:num_requests_waiting", model_name="renamed") == 0
     assert f["vllm:lora_requests_info"].samples[0].labels == {
         "max_lora": "8", "running_lora_adapters": "", "waiting_lora_adapters": ""}
+    assert value(f, "loraplex_engine_healthy") == 1 and f["loraplex_engine_step_failures"].type == "counter"
+    assert value(f, "loraplex_engine_step_failures", "loraplex_engine_step_failures_total") == 0
+    state["snap"] = Snapshot(0, 0, 0.0, {}, [], [], 8, engine_healthy=False, engine_step_failures=5)
+    f = scrape(metrics)
+    assert value(f, "loraplex_engine_healthy") == 0
+    assert value(f, "loraplex_engine_step_failures", "loraplex_engine_step_failures_total") == 5
 
 
 def test_forget_adapter_drops_its_series(metrics):
