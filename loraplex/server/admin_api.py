@@ -19,7 +19,7 @@ from ..engine.adapters import UnknownAdapterError
 from .auth import require_admin
 from .errors import APIError
 from .schemas import ExportAdapter, LoadLoraAdapter, MergeAdapters, PinAdapter, RegisterAdapter, UnloadLoraAdapter
-from .state import ServerState
+from .state import AdapterPathError, ServerState
 
 router = APIRouter(dependencies=[require_admin])
 
@@ -45,7 +45,7 @@ async def _call(fn, *args, **kwargs):
         raise APIError(409, str(exc), param="name", code="adapter_exists") from None
     except RegistryBusyError as exc:
         raise APIError(409, str(exc)) from None
-    except PermissionError as exc:
+    except AdapterPathError as exc:  # not any PermissionError: the OS's name server paths (500, logged)
         raise APIError(403, str(exc), param="path") from None
     except AdapterError as exc:
         raise APIError(400, str(exc)) from None

@@ -7,11 +7,14 @@ and anything unexpected are turned into the same body by the handlers installed 
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.async_engine import internal_error
 
 log = logging.getLogger("loraplex.server")
 
@@ -66,5 +69,6 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return answer(500, "internal server error")
+        ref = f"err-{uuid.uuid4().hex[:16]}"  # the log line's id: the exception's text is not for the client
+        log.error("unexpected error on %s %s (request %s)", request.method, request.url.path, ref, exc_info=exc)
+        return answer(500, internal_error("internal server error", ref))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..engine.adapters import UnknownAdapterError
-from ..engine.async_engine import EngineStoppedError
+from ..engine.async_engine import EngineStoppedError, internal_error
 from ..engine.engine import RequestError
 from ..engine.request import FinishReason, RequestOutput
 from ..engine.sampling import SamplingParams
@@ -29,6 +30,7 @@ from .errors import APIError, error_body
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .state import ServerState
 
+log = logging.getLogger("loraplex.server")
 router = APIRouter(dependencies=[require_api_key])
 
 
@@ -163,7 +165,7 @@ async def run_jobs(state: ServerState, jobs: list[Job], adapter: str | None, mod
                                                   None if first is None else first - arrival)
                 await queue.put((job, out))
         except Exception as exc:  # the adapter vanished before admission, the engine stopped
-            await queue.put((job, exc))
+            await queue.put((job, as_api_error(exc, job.request_id)))
 
     tasks = [asyncio.create_task(one(job)) for job in jobs]
     try:
@@ -181,7 +183,10 @@ async def run_jobs(state: ServerState, jobs: list[Job], adapter: str | None, mod
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def as_api_error(exc: Exception) -> APIError:
+def as_api_error(exc: Exception, request_id: str) -> APIError:
+    """The client's error for `exc`. Our own errors keep their message; anything else is logged
+    with its traceback under `request_id`, and the client gets only that id (the exception's
+    text can hold server paths)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, UnknownAdapterError):
@@ -189,8 +194,9 @@ def as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, RequestError):
         return APIError(400, str(exc))
     if isinstance(exc, EngineStoppedError):
-        return APIError(503, "the server is shutting down")
-    return APIError(500, f"internal error: {type(exc).__name__}")
+        return APIError(503, str(exc))
+    log.error("request %s failed", request_id, exc_info=exc)
+    return APIError(500, internal_error("internal error", request_id))
 
 
 def finish_reason(job: Job) -> str:
@@ -218,7 +224,7 @@ async def complete(state: ServerState, jobs: list[Job], adapter: str | None, mod
             if out.finished:
                 job.finish, job.error = out.finish_reason, out.error
     except Exception as exc:
-        raise as_api_error(exc) from None
+        raise as_api_error(exc, jobs[0].request_id) from None
     failed = [j for j in jobs if j.finish is FinishReason.ERROR]
     if failed:
         raise APIError(500, failed[0].error or "the engine failed on this request")
@@ -255,7 +261,7 @@ def stream_response(state: ServerState, jobs: list[Job], adapter: str | None, mo
             if usage_chunk is not None:
                 yield sse(usage_chunk())
         except Exception as exc:
-            err = as_api_error(exc)
+            err = as_api_error(exc, jobs[0].request_id)
             state.metrics.observe_error(err.status)
             yield sse(error_body(err.status, err.message, err.param, err.code))
         yield "data: [DONE]\n\n"
@@ -345,8 +351,14 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     messages = [m.model_dump(exclude_none=True, include={"role", "content", "name"}) for m in body.messages]
     try:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # the template rejects the conversation (e.g. roles out of order)
-        raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages") from None
+    except Exception as exc:
+        from jinja2 import TemplateError  # there: transformers renders templates with it
+
+        if isinstance(exc, TemplateError):  # the template rejects the conversation (e.g. roles out of order)
+            raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages") from None
+        log.exception("the chat template failed")  # a fault of the template or tokenizer: not for the client
+        raise APIError(400, "the chat template cannot render these messages; see the server log",
+                       param="messages") from None
     return tok.encode(text, add_special_tokens=False)
 
 

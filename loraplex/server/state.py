@@ -28,6 +28,11 @@ log = logging.getLogger("loraplex.server")
 DEMO_NAME = "loraplex-demo"
 
 
+class AdapterPathError(PermissionError):
+    """A path a client gave lies outside the adapter roots; the message echoes only that path.
+    (A PermissionError from the OS names server paths and is not shown to clients.)"""
+
+
 def demo_model_dir() -> Path:
     if not (MODEL_DIR / "config.json").is_file():
         raise FileNotFoundError(f"no --model given and the bundled demo model is missing ({MODEL_DIR}; "
@@ -85,7 +90,8 @@ class ServerState:
         try:
             self._load()
         except Exception as exc:
-            self.failed = f"{type(exc).__name__}: {exc}"
+            # /ready and 503s show this to anyone: the kind of failure, not its text (paths)
+            self.failed = f"startup failed ({type(exc).__name__}); see the server log"
             log.exception("startup failed; the server stays up, not ready")
 
     def _load(self) -> None:
@@ -143,10 +149,10 @@ class ServerState:
                         engine_step_failures=async_engine.step_failures)
 
     def resolve_adapter_path(self, path: str) -> Path:
-        """The real path of `path`, if it lies inside an allowed adapter root; else PermissionError."""
+        """The real path of `path`, if it lies inside an allowed adapter root; else AdapterPathError."""
         if not self.adapter_roots:
-            raise PermissionError("adapters cannot be registered by path: the server has no --adapter-root")
+            raise AdapterPathError("adapters cannot be registered by path: the server has no --adapter-root")
         real = Path(path).resolve()
         if not any(real == root or root in real.parents for root in self.adapter_roots):
-            raise PermissionError(f"path {path!r} is outside the allowed adapter roots")
+            raise AdapterPathError(f"path {path!r} is outside the allowed adapter roots")
         return real
