@@ -278,8 +278,8 @@ def run_ours(args, cfg, device: torch.device, copy_bw: float, sync) -> dict:
     model = build_model(SyntheticReader(cfg, device), DTYPE, device)
     print(f"[{time.perf_counter() - started:.0f} s] built {args.model}: {model.resident_bytes() / 1e9:.2f} "
           "GB (NF4 linears, bf16 embedding and lm_head)", flush=True)
-    if args.tune and device.type == "cuda":
-        tune(sorted(set(mc.linear_shapes.values())), list(TUNE_MS), DTYPE, device)
+    if args.tune_ms and device.type == "cuda":
+        tune(sorted(set(mc.linear_shapes.values())), args.tune_ms, DTYPE, device)
     kv_tokens = args.kv_cache_tokens or args.streams * (args.prompt_len + args.gen_len + 16)
     slots, mem_line = plan_slots(max(args.adapters), model, mc, kv_tokens, device)
     print(mem_line, flush=True)
@@ -553,6 +553,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--tune", action="store_true",
                    help="tune the NF4 matmul plans of the model's shapes first (cached per GPU; "
                         "without it: cached or heuristic plans)")
+    p.add_argument("--tune-ms", default=None,
+                   help="with or without --tune: tune only the M buckets of these values (default with --tune: "
+                        "1,16,32,64,256,2048)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the engine without decode CUDA graphs")
     p.add_argument("--device", default=None, help="torch device (default cuda; cpu for --smoke without CUDA)")
     p.add_argument("--out", "--json", dest="out", default=str(DEFAULT_OUT),
@@ -566,6 +569,7 @@ def parse_args(argv: list[str] | None = None):
             setattr(args, key, value)
     args.adapters = sorted({int(v) for v in str(args.adapters).split(",") if v.strip()})
     args.dist = [d.strip() for d in args.dist.split(",") if d.strip()]
+    args.tune_ms = [int(m) for m in args.tune_ms.split(",")] if args.tune_ms else (list(TUNE_MS) if args.tune else [])
     if not args.adapters or min(args.adapters) < 1:
         p.error("--adapters takes positive counts, e.g. 1,8,64,256")
     if not args.dist or any(d not in ("uniform", "zipf") for d in args.dist):

@@ -37,7 +37,7 @@ Run:
     python bench/nf4_matmul.py                      # on a CUDA GPU machine (full run)
     python bench/nf4_matmul.py --smoke              # anywhere (CPU): harness check only
     TRITON_INTERPRET=1 python bench/nf4_matmul.py --smoke   # real Triton kernels, interpreted
-Flags: --models llama2-7b,llama3-8b  --ms 1,4,16,64,256,2048  --no-tune  --no-graph
+Flags: --models llama2-7b,llama3-8b  --ms 1,4,16,64,256,2048  --no-tune  --tune-ms 1,16  --no-graph
        --l2-bytes N  --timer loop|do_bench  --json PATH  --smoke
 `--smoke` uses tiny shapes (256x256, 128x512), M in {1, 4}, wall-clock timing, no tuning
 and no CUDA graph; its numbers say nothing about performance.
@@ -492,6 +492,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--models", default="llama2-7b,llama3-8b", help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--ms", default=None, help="comma-separated M values (default 1,4,16,64,256,2048; smoke 1,4)")
     p.add_argument("--no-tune", action="store_true", help="use the cached or heuristic plans, measure none")
+    p.add_argument("--tune-ms", default=None,
+                   help="tune only the M buckets of these values (default: those of --ms); plans already in "
+                        "the cache are kept, so a later call can tune the rest")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA graph timing at M=1")
     p.add_argument("--l2-bytes", type=int, default=None,
                    help="rotate weight copies until their total exceeds this (default 64 MiB; smoke 64 KiB)")
@@ -503,6 +506,7 @@ def parse_args(argv: list[str] | None = None):
                    help="tiny shapes on whatever device there is (CPU), wall-clock timing: checks the harness only")
     args = p.parse_args(argv)
     args.ms = [int(m) for m in args.ms.split(",")] if args.ms else list(SMOKE_MS if args.smoke else FULL_MS)
+    args.tune_ms = [int(m) for m in args.tune_ms.split(",")] if args.tune_ms else args.ms
     if args.l2_bytes is None:
         args.l2_bytes = (64 << 10) if args.smoke else (64 << 20)
     if args.smoke:
@@ -550,8 +554,8 @@ def main(argv: list[str] | None = None) -> int:
 
     shapes = sorted({nk for layers in args.models.values() for nk in layers.values()})
     if device.type == "cuda" and not args.no_tune and not args.smoke:
-        print(f"tuning {len(shapes)} shapes x M {args.ms} (cached per GPU in the plan cache) ...", flush=True)
-        tune(shapes, args.ms, DTYPE, device, l2_bytes=args.l2_bytes)
+        print(f"tuning {len(shapes)} shapes x M {args.tune_ms} (cached per GPU in the plan cache) ...", flush=True)
+        tune(shapes, args.tune_ms, DTYPE, device, l2_bytes=args.l2_bytes)
 
     rows = []
     for model, layers in args.models.items():
