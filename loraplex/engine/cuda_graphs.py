@@ -1,11 +1,15 @@
 """CUDA graphs for decode-only steps: at batch 1 a 7B decode step is ~450 kernel launches of a
 few microseconds each, so launch overhead alone would rival the ~1.2 ms weight-read floor.
 
-One graph per padded batch size, captured at start-up over static input buffers. A step with
-B decode tokens copies its inputs into the buffers, pads up to the next captured size (padding
-rows write their keys and values to the scratch block 0, attend one position there and use no
-adapter) and replays. Everything inside (NF4 matmul plans, the LoRA tile list, attention
-splits) is sized from shapes only, which is what makes the steps capturable.
+One graph per padded batch size over static input buffers, captured last at start-up
+(`Engine.warm_up`). A step with B decode tokens copies its inputs into the buffers, pads up to
+the next captured size (padding rows write their keys and values to the scratch block 0,
+attend one position there and use no adapter) and replays. Everything inside (NF4 matmul
+plans, the LoRA tile list, attention splits) is sized from shapes only, which is what makes
+the steps capturable; everything outside that a graph touches (KV cache, adapter slots, the
+engine's workspace and plans, these buffers) is allocated once, before capture, and never
+replaced: the workspace is frozen, and `run` checks that the rest are the ones captured.
+Before capture (and on CPU, in tests) `run` takes the same padded path eagerly.
 """
 
 from __future__ import annotations
@@ -25,8 +29,7 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320,
 
 
 class DecodeGraphs:
-    def __init__(self, model: CausalLM, max_batch: int, max_blocks: int, capture: bool = True):
-        """`capture=False` runs the same padded static-buffer path eagerly (CPU tests)."""
+    def __init__(self, model: CausalLM, max_batch: int, max_blocks: int):
         self.model = model
         dev = model.device
         self.sizes = sorted({b for b in BATCH_SIZES if b < max_batch} | {max_batch})
@@ -38,18 +41,21 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.rows = torch.arange(n, dtype=torch.int64, device=dev)
-        self.captured = capture
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self._state = self._bound_state()
-        if capture:
-            self._capture()
+        self._state: tuple | None = None
+
+    @property
+    def captured(self) -> bool:
+        return bool(self.graphs)
 
     def _bound_state(self) -> tuple:
-        """Identity of the tensors a graph bakes in: adapter stacks and KV cache."""
+        """Identity of the long-lived state a graph bakes in: KV cache, adapter stacks, the
+        workspace and plans bound to the model."""
         first = self.model.layers[0].self_attn
         stack = first.qkv_proj.lora
-        return id(first.k_cache), id(stack.a) if stack is not None else None
+        return (id(first.k_cache), id(stack.a) if stack is not None else None, id(first.workspace),
+                id(first.qkv_proj.plans))
 
     @property
     def max_batch(self) -> int:
@@ -64,7 +70,14 @@ class DecodeGraphs:
                         lora=lora, logits_rows=self.rows[:b])
         return self.model(self.input_ids[:b], step)
 
-    def _capture(self) -> None:
+    def capture(self) -> None:
+        """Capture one graph per size (CUDA). The model's workspace must be frozen: a graph
+        bakes in its buffers, which must never be replaced."""
+        workspace = self.model.layers[0].self_attn.workspace
+        if workspace is None or not workspace.frozen:
+            raise RuntimeError("decode graphs need the engine's frozen workspace bound to the model "
+                               "(CausalLM.bind_kernels) before capture")
+        self._state = self._bound_state()
         started = time.perf_counter()
         # Warm every size first (Triton compiles, plans, split-K workspaces reach full size),
         # then capture largest first so the smaller graphs reuse its memory pool.
@@ -86,9 +99,9 @@ class DecodeGraphs:
             lora_slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] of B decode tokens (B <= max_batch). The result is a view of a static
         buffer: consume it before the next call."""
-        if self._bound_state() != self._state:
-            raise RuntimeError("the model's adapter slots or KV cache were re-allocated after the decode graphs "
-                               "were captured; create a new Engine")
+        if self.captured and self._bound_state() != self._state:
+            raise RuntimeError("the model's KV cache, adapter slots or kernel workspace were replaced after the "
+                               "decode graphs were captured (another Engine on this model?); create a new Engine")
         b = input_ids.shape[0]
         size = next(s for s in self.sizes if s >= b)
         self.input_ids[:b].copy_(input_ids, non_blocking=True)

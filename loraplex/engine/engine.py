@@ -1,6 +1,8 @@
-"""The engine: owns the model, KV cache and scheduler; `step()` runs one batch.
+"""The engine: owns the model, KV cache, kernel workspace and scheduler; `step()` runs one batch.
 
-    step():  adapters.between_steps() -> scheduler.schedule() -> runner.run() -> sample -> postprocess
+    Engine(...)  everything a step uses is allocated at its maximum, from the limits
+    warm_up()    every kernel variant compiled and run, a full-budget prefill, then CUDA graphs
+    step():      adapters.between_steps() -> scheduler.schedule() -> runner.run() -> sample -> postprocess
 
 Single-threaded by design: one thread (see `async_engine.py`) calls every method. Results leave
 through each request's output channel (`Request.on_output`).
@@ -13,7 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from ..kernels import runtime
 from ..model.llama import CausalLM
+from . import launches
 from .adapters import AdapterProvider, UnknownAdapterError
 from .cuda_graphs import DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
@@ -71,6 +75,14 @@ class Engine:
             eos_token_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self.eos_token_ids = eos_token_ids
         bs = config.block_size
+        # What the kernels of any step can ask for is fixed now, from the limits: the NF4 plans
+        # and one frozen workspace at its largest (CUDA graphs bake both in). Before the KV
+        # cache, so that its size accounts for them.
+        self.limits = launches.StepLimits(max_tokens=config.max_num_batched_tokens, max_decodes=config.max_num_seqs,
+                                          max_blocks=-(-self.max_model_len // bs), block_size=bs)
+        self.plans = launches.plan_table(model, self.limits)
+        self.workspace = launches.size_workspace(model, self.limits, self.plans)
+        model.bind_kernels(self.plans, self.workspace)
         if config.kv_cache_tokens is not None:
             num_blocks = -(-config.kv_cache_tokens // bs) + 1  # + the scratch block
         elif model.device.type == "cuda":
@@ -86,13 +98,14 @@ class Engine:
                                    self.allocator, adapters)
         graphs = None
         if model.device.type == "cuda" and config.cuda_graph_max_batch > 0:
-            graphs = DecodeGraphs(model, min(config.cuda_graph_max_batch, config.max_num_seqs),
-                                  max_blocks=-(-self.max_model_len // bs))
+            graphs = DecodeGraphs(model, min(config.cuda_graph_max_batch, config.max_num_seqs), self.limits.max_blocks)
+        self._capture_pending = graphs is not None  # captured at the end of warm_up(), else before the first step
         self.runner = ModelRunner(model, bs, graphs)
         self.requests: dict[str, Request] = {}
         self.last_step: ScheduledStep | None = None
         self.on_step: Callable[[StepStats], None] | None = None  # called after every step that ran
-        log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks - 1, bs, self.allocator.capacity_tokens)
+        log.info("KV cache: %d blocks of %d tokens (%d tokens); kernel workspace %.1f MiB",
+                 num_blocks - 1, bs, self.allocator.capacity_tokens, self.workspace.nbytes() / 2**20)
 
     # -- requests in ----------------------------------------------------------------------
 
@@ -145,6 +158,12 @@ class Engine:
 
     def step(self) -> int:
         """Run one batch; returns the number of tokens it computed (0 when idle)."""
+        if self.model.layers[0].self_attn.workspace is not self.workspace:
+            raise RuntimeError("another Engine was built on this model since this one: its kernels are bound "
+                               "to the newer engine's plans and workspace")
+        if self._capture_pending:
+            log.info("capturing decode CUDA graphs before the first step (call warm_up() before serving)")
+            self._capture_graphs()
         if self.adapters is not None:
             for handle, reason, message in self.adapters.between_steps():
                 self.abort_holding(handle, reason, message)
@@ -222,15 +241,33 @@ class Engine:
     # -- start-up -------------------------------------------------------------------------
 
     def warm_up(self, adapters: list[str] = ()) -> None:
-        """Run before serving: one short generation on the base model and on each adapter in
-        `adapters`, so that kernels are compiled before the first client waits for them.
-        Requires an idle engine."""
+        """Run once before serving, on an idle engine, so that no client waits for a compiler:
+        every kernel variant a step within the limits can select is compiled and run (on
+        CUDA or under the interpreter), then a prefill of the whole token budget (the largest
+        step: an out-of-memory shows now, not under load), a short generation on the base
+        model and on each adapter in `adapters` in one batch, and last the decode CUDA graphs
+        are captured (nothing runs between capture and serving)."""
         if self.has_work():
             raise RuntimeError("warm_up() needs an idle engine")
-        prompt = list(range(1, 9))
-        for i, adapter in enumerate([None, *adapters]):
-            self.add_request(Request(f"warm-up-{i}", prompt, SamplingParams(max_tokens=2, ignore_eos=True), adapter))
+        started = time.perf_counter()
+        if runtime.use_triton(self.model.device):
+            launches.warm_up_kernels(self.model, self.limits, self.plans, self.workspace)
+        params = SamplingParams(max_tokens=2, ignore_eos=True)
+        longest = max(1, min(self.limits.max_tokens, self.max_model_len - params.max_tokens,
+                             self.allocator.capacity_tokens - params.max_tokens))
+        vocab = self.model.config.vocab_size
+        self.add_request(Request("warm-up-prefill", [1 + i % (vocab - 1) for i in range(longest)], params))
         self.run_until_done()
+        for i, adapter in enumerate([None, *adapters]):
+            self.add_request(Request(f"warm-up-{i}", list(range(1, 9)), params, adapter))
+        self.run_until_done()
+        if self._capture_pending:
+            self._capture_graphs()
+        log.info("warm-up done in %.1fs", time.perf_counter() - started)
+
+    def _capture_graphs(self) -> None:
+        self._capture_pending = False
+        self.runner.graphs.capture()
 
     # -- convenience for tests and scripts --------------------------------------------------
 

@@ -40,6 +40,7 @@ import torch
 from . import runtime
 from .runtime import INTERPRET
 from .splitk import split_for
+from .workspace import Need, Workspace, standalone
 
 try:
     import triton
@@ -68,6 +69,19 @@ def decode_splits(batch: int, kv_heads: int, max_len: int, device: torch.device)
     """KV splits per (sequence, kv head): enough programs for ~2 waves over the SMs, each
     split covering at least SPLIT_CHUNK positions of the longest possible sequence."""
     return split_for(batch * kv_heads, -(-max_len // SPLIT_CHUNK), runtime.num_sms(device))
+
+
+PARTIALS, MAXES, SUMS = "attention.partials", "attention.maxes", "attention.sums"
+
+
+def split_needs(batch: int, q_heads: int, head_dim: int, split: int) -> tuple[Need, ...]:
+    """Workspace of a split decode launch: each split's unnormalized fp32 output, running max
+    and running sum per (sequence, query head); nothing without a split."""
+    if split <= 1:
+        return ()
+    rows = batch * q_heads * split
+    return (Need(PARTIALS, rows * head_dim, torch.float32), Need(MAXES, rows, torch.float32),
+            Need(SUMS, rows, torch.float32))
 
 
 # ----------------------------------------------------------------------------------------
@@ -135,7 +149,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_bt"])  # the table's width changes from step to step
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, m_ptr, l_ptr,
         scale_log2, stride_qb, stride_qh, stride_bt, stride_pos, Hq,
@@ -220,9 +234,12 @@ if triton is not None:
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           workspace: Workspace | None = None) -> torch.Tensor:
     """Decode attention of one query token per sequence over the paged KV cache; returns
-    [B, Hq, D] in q's dtype (see the module docstring for the layout and contract)."""
+    [B, Hq, D] in q's dtype (see the module docstring for the layout and contract).
+    `workspace` holds the split partials (an engine passes its frozen one; default: a
+    growable one)."""
     _check(q, k_cache, v_cache, block_tables, seq_lens)
     if not runtime.use_triton(q.device):
         return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
@@ -239,13 +256,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_tables = block_tables.contiguous()
     group = hq // hkv
     split = decode_splits(b, hkv, block_tables.shape[1] * block_size, q.device)
-    if split > 1:
-        acc = torch.empty(b * hq * split, d, dtype=torch.float32, device=q.device)
-        m = torch.empty(b * hq * split, dtype=torch.float32, device=q.device)
-        l = torch.empty_like(m)
-    else:
-        acc, m, l = out, out, out  # m, l unused
-    _paged_decode_kernel[(b, hkv, split)](
+    acc, m, l = (workspace or standalone(q.device)).take(split_needs(b, hq, d, split)) or (out, out, out)
+    runtime.launch(
+        _paged_decode_kernel, (b, hkv, split),
         q, k_cache, v_cache, block_tables, seq_lens, acc, m, l,
         scale * math.log2(math.e), q.stride(0), q.stride(1), block_tables.stride(0), hkv * d, hq,
         G=group, BLOCK_G=group_rows(group), BLOCK_N=block_n_for(d), BLOCK_SIZE=block_size, D=d,
@@ -253,5 +266,5 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if split > 1:
-        _split_combine_kernel[(b * hq,)](acc, m, l, out, D=d, SPLIT=split, num_warps=NUM_WARPS)
+        runtime.launch(_split_combine_kernel, (b * hq,), acc, m, l, out, D=d, SPLIT=split, num_warps=NUM_WARPS)
     return out

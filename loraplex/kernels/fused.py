@@ -315,8 +315,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         return out, new_residual
     block, warps = norm_config(h)
     res = x if residual is None else residual  # unread without a residual
-    _add_rms_norm_kernel[(t,)](
-        x, res, weight, out, new_residual, x.stride(0), res.stride(0), h, eps,
+    runtime.launch(
+        _add_rms_norm_kernel, (t,), x, res, weight, out, new_residual, x.stride(0), res.stride(0), h, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=block, EXACT_BF16=INTERPRET,
         num_warps=warps, enable_fp_fusion=False,
     )
@@ -335,8 +335,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if t == 0 or i == 0:
         return out
     block, warps = silu_config(i)
-    _silu_mul_kernel[(t, triton.cdiv(i, block))](
-        gate_up, out, gate_up.stride(0), i, BLOCK=block, EXACT_BF16=INTERPRET,
+    runtime.launch(
+        _silu_mul_kernel, (t, triton.cdiv(i, block)), gate_up, out, gate_up.stride(0), i, BLOCK=block, EXACT_BF16=INTERPRET,
         num_warps=warps, enable_fp_fusion=False,
     )
     return out
@@ -360,8 +360,8 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
         return q_out
     block_h, block_half, warps = rope_config(d, hq, hkv)
     tiles = triton.cdiv(hq, block_h) + triton.cdiv(hkv, block_h)
-    _rope_write_kv_kernel[(t, tiles)](
-        q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_out,
+    runtime.launch(
+        _rope_write_kv_kernel, (t, tiles), q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), sin.stride(0), hq, hkv,
         D=d, BLOCK_HALF=block_half, BLOCK_H=block_h, EXACT_BF16=INTERPRET,

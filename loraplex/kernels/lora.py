@@ -31,7 +31,8 @@ import torch
 
 from . import runtime
 from .runtime import INTERPRET
-from .splitk import split_for, workspace
+from .splitk import split_for, splitk_needs
+from .workspace import Need, Workspace, standalone
 
 try:
     import triton
@@ -154,6 +155,11 @@ def default_block_t(num_tokens: int) -> int:
     return 16 if num_tokens <= 256 else 64
 
 
+def max_tiles(num_tokens: int, num_slots: int, block_t: int) -> int:
+    """Static bound on the tiles of a step: every slot's last tile may be partial."""
+    return -(-num_tokens // block_t) + min(num_slots, num_tokens)
+
+
 @dataclass
 class BatchMeta:
     """Which adapter slot each token of a step uses, arranged for the kernels.
@@ -187,9 +193,7 @@ class BatchMeta:
         seg_start = torch.cumsum(counts, 0) - counts
         tiles = (counts + block_t - 1) // block_t
         tile_end = torch.cumsum(tiles, 0)
-        # every slot's last tile may be partial: at most cdiv(T, block_t) + min(S, T) tiles
-        max_tiles = -(-t // block_t) + min(num_slots, t)
-        index = torch.arange(max_tiles, device=device)
+        index = torch.arange(max_tiles(t, num_slots, block_t), device=device)
         tile_slot = torch.searchsorted(tile_end, index, right=True)
         clamped = tile_slot.clamp(max=num_slots - 1)
         tile_row = seg_start[clamped] + (index - (tile_end - tiles)[clamped]) * block_t
@@ -276,7 +280,7 @@ if triton is not None:
         tokens = tl.load(order_ptr + rows, mask=row_mask, other=0)
         return s, s_safe, rows, row_mask, tokens
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])  # T changes from step to step: one compiled kernel for all
     def _lora_shrink_kernel(
         x_ptr, a_ptr, h_ptr, rank_ptr, order_ptr, tile_slot_ptr, tile_row_ptr, seg_start_ptr,
         seg_len_ptr, ws_ptr, ticket_ptr, T, K, LR, R, stride_as, stride_rank,
@@ -360,9 +364,10 @@ if triton is not None:
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    """Tile sizes; BLOCK_M is the meta's block_t. split_k 0 = chosen from the grid size."""
+    """Tile sizes; BLOCK_M is the meta's block_t. split_k 0 = chosen from the grid size;
+    block_k 0 = 256 compiled, 64 in the interpreter (small models' tests then see split-K)."""
 
-    shrink_block_k: int = 256
+    shrink_block_k: int = 0
     shrink_split_k: int = 0
     expand_block_n: int = 128
     num_warps: int = 4
@@ -372,6 +377,32 @@ def _rank_tile(stack: LoRAStack) -> int:
     # One rank tile for both kernels: the shrink writes whole tiles (zeros past the real rank)
     # and the expand reads whole tiles of the same size without a rank mask.
     return min(stack.max_rank, 64)
+
+
+@dataclass(frozen=True)
+class ShrinkLaunch:
+    """How `lora_shrink` runs T tokens over a stack: tile sizes, K split, grid, workspace."""
+
+    block_t: int
+    block_r: int
+    block_k: int
+    split: int
+    grid: tuple[int, int, int]
+    needs: tuple[Need, ...]
+
+
+def shrink_launch(stack: LoRAStack, num_tokens: int, device: torch.device,
+                  config: LoRAConfig = LoRAConfig(), block_t: int | None = None) -> ShrinkLaunch:
+    """The launch of `lora_shrink` for `num_tokens` tokens (from shapes only: the grid is the
+    meta's static tile bound, never the data)."""
+    t, k, lr = num_tokens, stack.in_features, stack.a.shape[1]
+    block_t = block_t or default_block_t(t)
+    block_r = _rank_tile(stack)
+    block_k = min(config.shrink_block_k or (256 if device.type == "cuda" else 64), triton.next_power_of_2(k))
+    tiles, r_tiles = max_tiles(t, stack.num_slots, block_t), lr // block_r
+    split = config.shrink_split_k or split_for(tiles * r_tiles, triton.cdiv(k, block_k), runtime.num_sms(device))
+    return ShrinkLaunch(block_t, block_r, block_k, split, (tiles, r_tiles, split),
+                        splitk_needs(split, t * lr, tiles * r_tiles))
 
 
 def _check(x_or_h: torch.Tensor, stack: LoRAStack, meta: BatchMeta, width: int, what: str) -> None:
@@ -384,9 +415,10 @@ def _check(x_or_h: torch.Tensor, stack: LoRAStack, meta: BatchMeta, width: int, 
 
 
 def lora_shrink(x: torch.Tensor, stack: LoRAStack, meta: BatchMeta,
-                config: LoRAConfig = LoRAConfig()) -> torch.Tensor:
+                config: LoRAConfig = LoRAConfig(), workspace: Workspace | None = None) -> torch.Tensor:
     """h[i] = x[order[i]] @ A[slot].T for every token with a slot: fp32 [T, L * R], rows in
-    slot-sorted order (`meta.order`); rows of base-model tokens are left unset."""
+    slot-sorted order (`meta.order`); rows of base-model tokens are left unset. `workspace`
+    holds the split-K scratch (an engine passes its frozen one; default: a growable one)."""
     _check(x, stack, meta, stack.in_features, "lora_shrink")
     if not runtime.use_triton(x.device):
         return lora_shrink_ref(x, stack, meta)
@@ -398,17 +430,13 @@ def lora_shrink(x: torch.Tensor, stack: LoRAStack, meta: BatchMeta,
     if t == 0:
         return h
     x = x.contiguous()
-    block_r = _rank_tile(stack)
-    block_k = min(config.shrink_block_k, triton.next_power_of_2(k))
-    r_tiles = lr // block_r
-    # unless fixed by the config: split for the static tile bound (no data-dependent grid)
-    split = config.shrink_split_k or split_for(meta.max_tiles * r_tiles, triton.cdiv(k, block_k),
-                                               runtime.num_sms(x.device))
-    ws, tickets = workspace.get(x.device, t * lr if split > 1 else 0, meta.max_tiles * r_tiles if split > 1 else 0)
-    _lora_shrink_kernel[(meta.max_tiles, r_tiles, split)](
+    plan = shrink_launch(stack, t, x.device, config, meta.block_t)
+    partials, tickets = (workspace or standalone(x.device)).take(plan.needs) or (h, h)  # unused without a split
+    runtime.launch(
+        _lora_shrink_kernel, plan.grid,
         x, stack.a, h, stack.rank, meta.order, meta.tile_slot, meta.tile_row, meta.seg_start,
-        meta.seg_len, ws, tickets, t, k, lr, r, stack.a.stride(0), stack.rank.stride(0),
-        BLOCK_M=meta.block_t, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split, DOT_FP32=INTERPRET,
+        meta.seg_len, partials, tickets, t, k, lr, r, stack.a.stride(0), stack.rank.stride(0),
+        BLOCK_M=meta.block_t, BLOCK_R=plan.block_r, BLOCK_K=plan.block_k, SPLIT_K=plan.split, DOT_FP32=INTERPRET,
         num_warps=config.num_warps,
     )
     return h
@@ -429,7 +457,8 @@ def lora_expand(h: torch.Tensor, stack: LoRAStack, meta: BatchMeta, y: torch.Ten
         return y
     widest = max(stack.slices)
     block_n = min(config.expand_block_n, triton.next_power_of_2(widest))
-    _lora_expand_kernel[(meta.max_tiles, triton.cdiv(widest, block_n), stack.num_slices)](
+    runtime.launch(
+        _lora_expand_kernel, (meta.max_tiles, triton.cdiv(widest, block_n), stack.num_slices),
         h, stack.b, y, stack.scaling, stack.rank, stack.slice_starts, meta.order, meta.tile_slot,
         meta.tile_row, meta.seg_start, meta.seg_len, stack.a.shape[1],
         stack.max_rank, stack.b.stride(0), stack.scaling.stride(0), stack.rank.stride(0), y.stride(0),
@@ -440,6 +469,6 @@ def lora_expand(h: torch.Tensor, stack: LoRAStack, meta: BatchMeta, y: torch.Ten
 
 
 def apply_lora(x: torch.Tensor, y: torch.Tensor, stack: LoRAStack, meta: BatchMeta,
-               config: LoRAConfig = LoRAConfig()) -> torch.Tensor:
+               config: LoRAConfig = LoRAConfig(), workspace: Workspace | None = None) -> torch.Tensor:
     """y += every token's own LoRA delta (shrink then expand); returns y."""
-    return lora_expand(lora_shrink(x, stack, meta, config), stack, meta, y, config)
+    return lora_expand(lora_shrink(x, stack, meta, config, workspace), stack, meta, y, config)

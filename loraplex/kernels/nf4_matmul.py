@@ -11,11 +11,13 @@ Three ways to run one product, picked per (device, N, K, M bucket, dtype) by `pl
 - `gemm`  (M >= 2): tensor cores. Each program dequantizes a [BLOCK_N, BLOCK_K] weight tile
   once and reuses it for BLOCK_M rows (`tl.dot`, fp32 accumulation).
 - `cublas` (large M): dequantize into a scratch bf16/fp16 buffer, then `F.linear`. The
-  scratch is reused between calls; no dequantized weight stays resident per layer.
+  scratch (a `Workspace` buffer, see workspace.py) is reused between calls and layers; no
+  dequantized weight stays resident per layer.
 
 Split-K (several programs per output tile, so that a single row keeps every SM busy) uses
-the self-cleaning workspace of `splitk.py`: no memset, no second kernel, a launch grid that
-never depends on data (decode steps can be captured in CUDA graphs).
+the self-cleaning buffers of `splitk.py`: no memset, no second kernel, a launch grid that
+never depends on data (decode steps can be captured in CUDA graphs). An engine fixes its
+plans once (`PlanTable`) and passes its frozen workspace, sized for those plans.
 
 On CPU the product runs `nf4_matmul_ref` (dequantize + `F.linear`), unless
 `TRITON_INTERPRET=1`, in which case the Triton kernels run in Triton's interpreter (tests).
@@ -35,7 +37,8 @@ import torch.nn.functional as F
 from . import runtime
 from .nf4 import NF4Weight, dequantize_nf4, nf4_levels
 from .runtime import INTERPRET
-from .splitk import split_for, workspace
+from .splitk import split_for, splitk_needs
+from .workspace import Need, Workspace, standalone
 
 try:
     import triton
@@ -112,7 +115,7 @@ if triton is not None:
                               n_mask[:, None] & b_mask[None, :], NESTED, NESTED_BLOCK)
         return words, scale, b_mask
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # M changes from step to step: one compiled kernel for all
     def _nf4_gemv_kernel(
         x_ptr, codes_ptr, absmax_ptr, absmax2_ptr, code2_ptr, levels_ptr, offset,
         bias_ptr, y_ptr, ws_ptr, ticket_ptr, M, N, K, KH,
@@ -145,7 +148,7 @@ if triton is not None:
         write_tile(out[None, :], pid_m + tl.arange(0, 1), offs_n, M, N, y_ptr, bias_ptr,
                     ws_ptr, ticket_ptr, pid_m * tl.cdiv(N, BLOCK_N) + pid_n, HAS_BIAS, SPLIT_K)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _nf4_gemm_kernel(
         x_ptr, codes_ptr, absmax_ptr, absmax2_ptr, code2_ptr, levels_ptr, offset,
         bias_ptr, y_ptr, ws_ptr, ticket_ptr, M, N, K, KH,
@@ -235,10 +238,13 @@ def m_bucket(m: int) -> int:
 def heuristic_plan(n: int, k: int, m: int, device: torch.device) -> Plan:
     """A reasonable plan without measurement (used until `tune` has measured a shape)."""
     sms = runtime.num_sms(device)
-    if device.type != "cuda":  # interpreter: small tiles keep CPU tests quick
+    if device.type != "cuda":  # interpreter: the same choices as below with small tiles (quick tests)
         if m == 1:
             return Plan("gemv", block_n=16, block_k=128, split_k=split_for(-(-n // 16), k // 128, sms))
-        return Plan("gemm", block_m=16, block_n=32, block_k=64, split_k=1)
+        if m <= 64:
+            tiles = -(-n // 32) * -(-m // 16)
+            return Plan("gemm", block_m=16, block_n=32, block_k=64, split_k=split_for(tiles, k // 64, sms))
+        return Plan("cublas") if m >= 1024 else Plan("gemm", block_m=16, block_n=32, block_k=64)
     if m == 1:
         block_k = 512 if k % 512 == 0 else 256
         tiles = -(-n // 16)
@@ -352,12 +358,46 @@ def plan_for(w: NF4Weight, m: int, dtype: torch.dtype) -> Plan:
     return plan
 
 
+class PlanTable:
+    """The plan of every (N, K, M bucket) an engine can meet, chosen once at start-up (the
+    measured plan where the cache has one, else the heuristic). What a step runs, and what
+    the engine's workspace was sized for, then cannot change behind the engine's back: a
+    later `tune` changes new tables, not this one."""
+
+    def __init__(self, shapes: set[tuple[int, int]], max_m: int, dtype: torch.dtype, device: torch.device):
+        self.max_m, self.dtype = max_m, dtype
+        self.buckets = tuple(b for b in M_BUCKETS if b <= m_bucket(max_m))
+        self._plans: dict[tuple[int, int, int], Plan] = {}
+        for n, k in sorted(shapes):
+            for bucket in self.buckets:
+                measured = _plans.get(_PlanCache.key(device, dtype, n, k, bucket)) if device.type == "cuda" else None
+                self._plans[(n, k, bucket)] = measured or heuristic_plan(n, k, bucket, device)
+
+    def __call__(self, n: int, k: int, m: int) -> Plan:
+        plan = self._plans.get((n, k, m_bucket(m)))
+        if plan is None or m > self.max_m:
+            raise ValueError(f"nf4_matmul: no plan for N={n}, K={k}, M={m}: the engine's table covers its "
+                             f"model's shapes up to M={self.max_m}")
+        return plan
+
+    def items(self) -> list[tuple[tuple[int, int, int], Plan]]:
+        """((N, K, M bucket), plan) for every entry."""
+        return list(self._plans.items())
+
+
 # ----------------------------------------------------------------------------------------
 # Launch wrappers
 # ----------------------------------------------------------------------------------------
 
+DENSE = "nf4.dense"  # the cuBLAS plan's dequantized weight, one layer at a time
 
-_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+def workspace_needs(plan: Plan, m: int, n: int, k: int, dtype: torch.dtype) -> tuple[Need, ...]:
+    """Workspace of one product [m, k] x [n, k].T under `plan`."""
+    if plan.kind == "cublas":
+        return (Need(DENSE, n * k, dtype),)
+    tiles = -(-n // plan.block_n) * (m if plan.kind == "gemv" else -(-m // plan.block_m))
+    return splitk_needs(plan.split_k, m * n, tiles)
 
 
 def _weight_args(w: NF4Weight) -> tuple:
@@ -387,25 +427,20 @@ def dequantize_to(w: NF4Weight, out: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"dequantize_to: needs blocksize 64, K a multiple of 64 and out of shape {list(w.shape)}")
     n_blocks = w.absmax.numel()
     blocks = 64
-    _nf4_dequant_kernel[(triton.cdiv(n_blocks, blocks),)](
-        *_weight_args(w), out, n_blocks,
-        NESTED=w.nested, NESTED_BLOCK=w.nested_blocksize, BLOCKS=blocks,
-    )
+    runtime.launch(_nf4_dequant_kernel, (triton.cdiv(n_blocks, blocks),),
+                   *_weight_args(w), out, n_blocks, NESTED=w.nested, NESTED_BLOCK=w.nested_blocksize, BLOCKS=blocks)
     return out
 
 
-def _run_plan(plan: Plan, x2: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+def _run_plan(plan: Plan, x2: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, ws: Workspace) -> torch.Tensor:
     m, k = x2.shape
     n = w.shape[0]
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0:
         return y
+    buffers = ws.take(workspace_needs(plan, m, n, k, x2.dtype))
     if plan.kind == "cublas":
-        key = (x2.device, x2.dtype)
-        buf = _scratch.get(key)
-        if buf is None or buf.numel() < n * k:
-            buf = _scratch[key] = torch.empty(n * k, dtype=x2.dtype, device=x2.device)
-        w_dense = dequantize_to(w, buf[: n * k].view(n, k))
+        w_dense = dequantize_to(w, buffers[0].view(n, k))
         return torch.addmm(bias.to(x2.dtype), x2, w_dense.T, out=y) if bias is not None \
             else torch.mm(x2, w_dense.T, out=y)
 
@@ -415,26 +450,25 @@ def _run_plan(plan: Plan, x2: torch.Tensor, w: NF4Weight, bias: torch.Tensor | N
     n_tiles = triton.cdiv(n, plan.block_n)
     if plan.kind == "gemv":
         grid = (n_tiles, plan.split_k, m)
-        tiles = n_tiles * m
         kernel, extra = _nf4_gemv_kernel, {}
     elif plan.kind == "gemm":
-        tiles = triton.cdiv(m, plan.block_m) * n_tiles
-        grid = (tiles, plan.split_k)
+        grid = (triton.cdiv(m, plan.block_m) * n_tiles, plan.split_k)
         kernel, extra = _nf4_gemm_kernel, dict(BLOCK_M=plan.block_m, GROUP_M=8, DOT_FP32=INTERPRET)
     else:
         raise ValueError(f"unknown plan kind {plan.kind!r}")
-    ws, tickets = workspace.get(x2.device, m * n if plan.split_k > 1 else 0, tiles if plan.split_k > 1 else 0)
-    kernel[grid](x2, *_weight_args(w), bias if bias is not None else y, y, ws, tickets, m, n, k, k // 2,
-                 **common, **extra)
+    partials, tickets = buffers if buffers else (y, y)  # unused without a split
+    runtime.launch(kernel, grid, x2, *_weight_args(w), bias if bias is not None else y, y, partials, tickets,
+                   m, n, k, k // 2, **common, **extra)
     return y
 
 
 def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
-               plan: Plan | None = None) -> torch.Tensor:
+               plan: Plan | None = None, workspace: Workspace | None = None) -> torch.Tensor:
     """`y = x @ dequantize_nf4(w).T + bias` for x [..., K] in bf16/fp16 (fp32 accumulation).
 
-    `plan` forces a kernel configuration (tests, tuning); by default the measured or
-    heuristic plan for this shape is used.
+    `plan` forces a kernel configuration (an engine's `PlanTable`, tests, tuning); by
+    default the measured or heuristic plan for this shape is used. `workspace` holds the
+    split-K and cuBLAS scratch (an engine passes its frozen one; default: a growable one).
     """
     _check(x, w, bias)
     if not runtime.use_triton(x.device):
@@ -446,7 +480,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     plan = plan or plan_for(w, x2.shape[0], x.dtype)
-    return _run_plan(plan, x2, w, bias).view(*lead, w.shape[0])
+    return _run_plan(plan, x2, w, bias, workspace or standalone(x.device)).view(*lead, w.shape[0])
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """Where the kernels run: compiled Triton on CUDA, Triton's interpreter on CPU (tests), or
-the PyTorch references. Shared by every kernel module."""
+the PyTorch references; and `launch`, through which every Triton kernel of the project is
+started, so that the variants a workload compiles can be counted. Shared by every kernel
+module."""
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -45,3 +48,49 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+# -- launches ---------------------------------------------------------------------------
+
+# A Triton kernel compiles once per distinct set of compile-time arguments (constexprs, launch
+# options, argument dtypes; integer arguments that vary from step to step are marked
+# `do_not_specialize` in the kernels). `recording_launches` collects exactly those keys, so
+# tests can check on CPU that warm-up met every variant that serving later meets.
+_recording: set | None = None
+
+
+def launch(kernel, grid: tuple, *args, **meta) -> None:
+    """`kernel[grid](*args, **meta)`, noting the variant when recording."""
+    if _recording is not None:
+        dtypes = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+        _recording.add((kernel.fn.__name__, tuple(sorted(meta.items())), dtypes))
+    kernel[grid](*args, **meta)
+
+
+@contextmanager
+def recording_launches() -> Iterator[set]:
+    """Collect the variant key of every Triton launch inside the block (process-wide)."""
+    global _recording
+    saved, _recording = _recording, set()
+    try:
+        yield _recording
+    finally:
+        _recording = saved
+
+
+def compiled_kernels() -> int:
+    """Compiled Triton kernels held in the JIT caches of this package's kernels, all devices
+    (0 under the interpreter, which compiles nothing): on a GPU, growth while serving means
+    a compilation on the request path."""
+    import importlib
+    import pkgutil
+
+    from . import __path__ as package_path
+
+    count = 0
+    for info in pkgutil.iter_modules(package_path):
+        module = importlib.import_module(f"{__package__}.{info.name}")
+        for obj in vars(module).values():
+            for entry in getattr(obj, "device_caches", {}).values():
+                count += len(entry[0])  # (kernel cache, ...) per device
+    return count

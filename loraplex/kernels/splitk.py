@@ -1,16 +1,19 @@
 """Split-K without a memset: shared by the NF4 and LoRA kernels.
 
 Several programs reduce over disjoint shares of K into one output tile. Each adds its fp32
-partial atomically into a per-device workspace and takes a ticket; the program that draws
+partial atomically into a shared fp32 buffer and takes a ticket; the program that draws
 the last ticket reads the sum, writes the output tile, and puts zeros back into its part of
 the workspace and its ticket. The workspace is therefore clean between launches: no memset
 kernel before, no reduction kernel after, and the launch grid never depends on data (CUDA
 graphs can capture it). One stream must issue these kernels at a time (the engine thread).
+The buffers come from a `Workspace` (workspace.py): the NF4 and LoRA kernels share them.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .workspace import Need
 
 try:
     import triton
@@ -19,24 +22,16 @@ except ImportError:
     triton = None
 
 
-class Workspace:
-    """Per-device fp32 accumulators and int32 tickets, zero between launches by construction."""
-
-    def __init__(self) -> None:
-        self._by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, device: torch.device, values: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ws, tickets = self._by_device.get(device, (None, None))
-        if ws is None or ws.numel() < values or tickets.numel() < tiles:
-            # Grow (rarely: warm-up sizes it). Zeroed once; kernels leave it zeroed.
-            ws = torch.zeros(max(values, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
-            tickets = torch.zeros(max(tiles, 0 if tickets is None else tickets.numel()),
-                                  dtype=torch.int32, device=device)
-            self._by_device[device] = (ws, tickets)
-        return ws, tickets
+VALUES = "splitk.values"    # fp32 partial sums, one per output element of the largest split launch
+TICKETS = "splitk.tickets"  # int32 arrival counters, one per output tile
 
 
-workspace = Workspace()
+def splitk_needs(split: int, values: int, tiles: int) -> tuple[Need, ...]:
+    """Workspace of a launch over `tiles` output tiles holding `values` elements in all, split
+    `split` ways along K (nothing without a split)."""
+    if split <= 1:
+        return ()
+    return Need(VALUES, values, torch.float32), Need(TICKETS, tiles, torch.int32)
 
 
 def split_for(tiles: int, k_chunks: int, sms: int) -> int:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.attention import paged_decode_attention
+from ..kernels.workspace import Workspace
 from .step import StepMeta
 
 
@@ -34,7 +35,7 @@ def _prefill_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: StepMeta,
-                    scale: float) -> torch.Tensor:
+                    scale: float, workspace: Workspace | None = None) -> torch.Tensor:
     """Causal attention of every token of the step over its own sequence. q [T, Hq, D]."""
     out = torch.empty_like(q)
     for chunk in step.prefills:
@@ -42,5 +43,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         out[rows] = _prefill_chunk(q[rows], k_cache, v_cache, chunk.block_table, chunk.context_len, scale)
     if step.num_decodes:
         out[step.decode_start:] = paged_decode_attention(
-            q[step.decode_start:], k_cache, v_cache, step.decode_block_tables, step.decode_seq_lens, scale)
+            q[step.decode_start:], k_cache, v_cache, step.decode_block_tables, step.decode_seq_lens, scale,
+            workspace)
     return out

@@ -8,7 +8,8 @@ from torch import nn
 from ..kernels.fused import add_rms_norm
 from ..kernels.lora import BatchMeta, LoRAStack, apply_lora
 from ..kernels.nf4 import NF4Weight
-from ..kernels.nf4_matmul import nf4_matmul
+from ..kernels.nf4_matmul import PlanTable, nf4_matmul
+from ..kernels.workspace import Workspace
 
 
 class QuantLinear(nn.Module):
@@ -18,6 +19,8 @@ class QuantLinear(nn.Module):
     checkpoint quantized them (each with its own double-quant scales, so bitsandbytes
     checkpoints load without re-quantizing) and writes their outputs side by side. The LoRA
     delta of all parts is one shrink and one expand over a stack with one slice per part.
+    An engine binds its plan table and workspace (`bind_kernels`); unbound, the kernels pick
+    plans and scratch themselves (tests, scripts).
     """
 
     def __init__(self, parts: list[NF4Weight], biases: list[torch.Tensor | None], names: tuple[str, ...]):
@@ -32,12 +35,19 @@ class QuantLinear(nn.Module):
         self.slices = tuple(w.shape[0] for w in parts)
         self.out_features = sum(self.slices)
         self.lora: LoRAStack | None = None
+        self.plans: PlanTable | None = None
+        self.workspace: Workspace | None = None
+
+    def bind_kernels(self, plans: PlanTable | None, workspace: Workspace | None) -> None:
+        self.plans, self.workspace = plans, workspace
 
     def forward(self, x: torch.Tensor, lora: BatchMeta | None) -> torch.Tensor:
-        outs = [nf4_matmul(x, w, b) for w, b in zip(self.parts, self.biases)]
+        m = x.shape[0]
+        outs = [nf4_matmul(x, w, b, self.plans(*w.shape, m) if self.plans is not None else None, self.workspace)
+                for w, b in zip(self.parts, self.biases)]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         if self.lora is not None and lora is not None:
-            apply_lora(x, y, self.lora, lora)
+            apply_lora(x, y, self.lora, lora, workspace=self.workspace)
         return y
 
     def resident_bytes(self) -> int:

@@ -14,6 +14,8 @@ from torch import nn
 from ..kernels.fused import rope_write_kv, silu_mul
 from ..kernels.lora import BatchMeta
 from ..kernels.lora_slots import LoRASlotPool, Projection
+from ..kernels.nf4_matmul import PlanTable
+from ..kernels.workspace import Workspace
 from .attention import paged_attention
 from .config import ModelConfig
 from .layers import QuantLinear, RMSNorm
@@ -44,6 +46,7 @@ class Attention(nn.Module):
         self.scale = config.head_dim ** -0.5
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, Hkv, D]
         self.v_cache: torch.Tensor | None = None
+        self.workspace: Workspace | None = None   # split-KV partials (bound by the engine)
 
     def forward(self, x: torch.Tensor, step: StepMeta) -> torch.Tensor:
         c = self.config
@@ -53,7 +56,7 @@ class Attention(nn.Module):
         q = rope_write_kv(q.view(t, c.num_heads, c.head_dim), k.view(t, c.num_kv_heads, c.head_dim),
                           v.view(t, c.num_kv_heads, c.head_dim), step.cos, step.sin,
                           self.k_cache, self.v_cache, step.slot_mapping)
-        out = paged_attention(q, self.k_cache, self.v_cache, step, self.scale)
+        out = paged_attention(q, self.k_cache, self.v_cache, step, self.scale, self.workspace)
         return self.o_proj(out.view(t, c.q_size), step.lora)
 
 
@@ -119,6 +122,18 @@ class CausalLM(nn.Module):
     def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
         for layer, k, v in zip(self.layers, k_caches, v_caches, strict=True):
             layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
+
+    def bind_kernels(self, plans: PlanTable | None, workspace: Workspace | None) -> None:
+        """The NF4 plans and the scratch every kernel of a step uses (the engine's, fixed
+        before its first step: CUDA graphs bake both in); None, None unbinds."""
+        for linear in self.linears().values():
+            linear.bind_kernels(plans, workspace)
+        for layer in self.layers:
+            layer.self_attn.workspace = workspace
+
+    def linear_shapes(self) -> set[tuple[int, int]]:
+        """(N, K) of every NF4 weight part."""
+        return {tuple(w.shape) for linear in self.linears().values() for w in linear.parts}
 
     def linears(self) -> dict[str, QuantLinear]:
         """Every NF4 linear by module path, e.g. "layers.3.self_attn.qkv_proj"."""

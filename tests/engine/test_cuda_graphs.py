@@ -23,8 +23,9 @@ def generate(loaded, graphs: str, max_tokens=6):
                     EngineConfig(kv_cache_tokens=256, block_size=4, max_num_seqs=8,
                                  cuda_graph_max_batch=8 if graphs == "captured" else 0))
     if graphs == "eager":
-        engine.runner.graphs = DecodeGraphs(loaded.model, 8, max_blocks=-(-engine.max_model_len // 4), capture=False)
+        engine.runner.graphs = DecodeGraphs(loaded.model, 8, max_blocks=-(-engine.max_model_len // 4))
     if graphs == "captured":
+        engine.warm_up(["a", "b"])
         assert engine.runner.graphs is not None and engine.runner.graphs.captured
     replays = {"n": 0}
     if engine.runner.graphs is not None:

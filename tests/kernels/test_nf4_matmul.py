@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from loraplex.kernels import nf4_matmul as mm
-from loraplex.kernels import runtime
+from loraplex.kernels import runtime, splitk
 from loraplex.kernels.nf4 import dequantize_nf4, quantize_nf4
-from loraplex.kernels.nf4_matmul import Plan, nf4_matmul, nf4_matmul_ref
-from loraplex.kernels.splitk import workspace
+from loraplex.kernels.nf4_matmul import Plan, nf4_matmul, nf4_matmul_ref, workspace_needs
+from loraplex.kernels.workspace import Workspace, WorkspaceError, standalone
 
 # One output ulp of slack: the interpreter truncates fp32 -> bf16 instead of rounding.
 RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
@@ -72,8 +72,8 @@ def test_split_k_leaves_the_workspace_clean(device):
         first = nf4_matmul(x, w, plan=plan)
         again = nf4_matmul(x, w, plan=plan)  # a dirty workspace would add the first result
         assert torch.equal(first, again)
-        ws, tickets = workspace.get(x.device, 0, 0)
-        assert not ws.any() and not tickets.any()
+        buffers = standalone(x.device).buffers()
+        assert not any(buffers[n].any() for n in (splitk.VALUES, splitk.TICKETS) if n in buffers)
 
 
 def test_batched_input_keeps_leading_dims(device):
@@ -182,15 +182,20 @@ def test_every_candidate_plan_on_gpu():
 def test_cuda_graph_replay_with_split_k():
     x, w, b = _case(4096, 4096, 1, torch.bfloat16, "cuda", bias=True)
     plan = Plan("gemv", block_n=16, block_k=512, split_k=4)
-    nf4_matmul(x, w, b, plan=plan)  # compile and size the workspace outside the capture
+    ws = Workspace("cuda")  # what a graph touches is sized and frozen before capture
+    ws.reserve(workspace_needs(plan, 1, 4096, 4096, torch.bfloat16))
+    ws.freeze()
+    nf4_matmul(x, w, b, plan=plan, workspace=ws)  # compile outside the capture
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        nf4_matmul(x, w, b, plan=plan)
+        nf4_matmul(x, w, b, plan=plan, workspace=ws)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = nf4_matmul(x, w, b, plan=plan)
+        y = nf4_matmul(x, w, b, plan=plan, workspace=ws)
+    with pytest.raises(WorkspaceError, match="capture"), torch.cuda.graph(torch.cuda.CUDAGraph()):
+        nf4_matmul(x, w, b, plan=plan)  # the growable workspace refuses a capture
     for _ in range(3):
         x.copy_(torch.randn_like(x))
         graph.replay()
