@@ -94,12 +94,12 @@ class Stage:
 
 
 STAGES = (
-    Stage("env", "device, versions, copy bandwidth", 35, 60),
+    Stage("env", "device, versions, copy bandwidth", 45, 60),
     Stage("pytest", "pytest -m gpu", 90, 120),
     Stage("correctness", "loraplex vs transformers + PEFT", 100, 120),
-    Stage("nf4", "bench/nf4_matmul.py", 100, 120),
+    Stage("nf4", "bench/nf4_matmul.py", 95, 120),
     Stage("lora", "bench/lora.py", 45, 60),
-    Stage("e2e", "bench/e2e.py", 100, 120),
+    Stage("e2e", "bench/e2e.py", 95, 120),
     Stage("hotswap", "bench/hotswap.py", 55, 60),
 )
 DRY_FORCED = {"lora": "fail", "hotswap": "timeout"}

@@ -191,7 +191,7 @@ def run_engine(fixture: dict, requests: list[Output], device: torch.device, dtyp
         sched = engine.last_step
         steps += 1
         mixed += bool(sched.prefills) and bool(sched.decodes)
-    info = dict(steps=steps, steps_prefill_and_decode=mixed, cuda_graphs=engine.runner.graphs is not None,
+    info = dict(steps=steps, steps_prefill_and_decode=mixed, cuda_graphs=getattr(engine.runner, "graphs", None) is not None,
                 max_num_batched_tokens=max_num_batched_tokens)
     del engine, adapters, loaded
     return outs, info

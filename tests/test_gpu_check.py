@@ -14,11 +14,17 @@ from pathlib import Path
 
 import torch
 
+from bench import gpu_check
 from bench import gpu_correctness as gc
 from loraplex.kernels import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["env", "pytest", "correctness", "nf4", "lora", "e2e", "hotswap"]
+
+
+def test_stage_caps_fit_the_budget():
+    assert [s.key for s in gpu_check.STAGES] == STAGES
+    assert sum(s.cap for s in gpu_check.STAGES) + gpu_check.RESERVE_S <= gpu_check.BUDGET_S <= 570  # device: 600 s
 
 
 def test_dry_run_runs_every_stage_in_order_past_a_failure_and_a_timeout(tmp_path):
