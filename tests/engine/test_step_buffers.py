@@ -1,13 +1,17 @@
-"""Everything a step's kernels touch is allocated once, at its largest, before the first step.
+"""Everything a step's kernels touch is allocated once, at its largest, before the first step,
+and warm-up compiles every kernel variant a step can select.
 
 Steps of every size from 1 to max_num_batched_tokens (prompt chunks with decodes, and decode-
 only steps through the CUDA graphs' static buffers) must reallocate nothing: a captured graph
 keeps writing the buffers it was captured with. Before the engine sized and froze its
 workspace, the split-K buffers grew on the first step larger than the warm-up's and the old
-ones were freed under the graphs. Run on the Triton interpreter and on the reference path.
+ones were freed under the graphs. Run on the Triton interpreter and on the reference path;
+on a GPU, with real graphs, against an engine without them.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -15,10 +19,12 @@ import torch
 from loraplex.engine.adapters import StaticAdapters
 from loraplex.engine.cuda_graphs import DecodeGraphs
 from loraplex.engine.engine import Engine, EngineConfig
+from loraplex.engine import launches
 from loraplex.engine.launches import StepLimits, size_workspace
 from loraplex.engine.request import Request
 from loraplex.engine.sampling import SamplingParams
 from loraplex.kernels import attention, nf4_matmul, runtime, splitk
+from loraplex.kernels.lora import BatchMeta
 from loraplex.kernels.nf4_matmul import Plan
 from loraplex.kernels.workspace import WorkspaceError
 from loraplex.model.loader import load_model
@@ -37,19 +43,23 @@ def loaded(tmp_path_factory):
 
 @pytest.fixture
 def gpu_like(monkeypatch):
-    """K splits as on a GPU with more SMs than the CPU stand-in's 4, and the dequantize +
-    cuBLAS plan from M = 16 up: every kind of workspace buffer is in play."""
+    """K splits as on a GPU with more SMs than the CPU stand-in's 4, a plan of its own for
+    every M bucket (as tuning may choose; num_stages tells them apart) and the dequantize +
+    cuBLAS plan from M = 32 up: every kind of workspace buffer and many variants in play."""
     monkeypatch.setattr(runtime, "num_sms", lambda device: 16)
     heuristic = nf4_matmul.heuristic_plan
-    monkeypatch.setattr(nf4_matmul, "heuristic_plan",
-                        lambda n, k, m, device: Plan("cublas") if m >= 16 else heuristic(n, k, m, device))
+
+    def plan(n, k, m, device):
+        return Plan("cublas") if m >= 32 else dataclasses.replace(heuristic(n, k, m, device), num_stages=m.bit_length())
+    monkeypatch.setattr(nf4_matmul, "heuristic_plan", plan)
 
 
-def make_engine(loaded, max_tokens: int = MAX_TOKENS) -> Engine:
+def make_engine(loaded, block_size: int = 16) -> Engine:
     model = loaded.model
     adapters = StaticAdapters(model, {"a": random_adapter(model, 1), "b": random_adapter(model, 2, rank=8)}, max_rank=8)
     engine = Engine(model, loaded.tokenizer, adapters,
-                    EngineConfig(kv_cache_tokens=512, max_num_seqs=MAX_SEQS, max_num_batched_tokens=max_tokens))
+                    EngineConfig(kv_cache_tokens=512, max_num_seqs=MAX_SEQS, max_num_batched_tokens=MAX_TOKENS,
+                                 block_size=block_size))
     engine.runner.graphs = DecodeGraphs(model, MAX_SEQS, engine.limits.max_blocks)  # the graphs' path, eagerly
     return engine
 
@@ -97,22 +107,53 @@ def every_step_size(engine: Engine) -> set[int]:
 
 
 @pytest.mark.parametrize("path", ["interpreter", "reference"])
-def test_no_buffer_is_reallocated_by_steps_of_any_size(loaded, gpu_like, path):
+def test_after_warm_up_steps_of_any_size_reallocate_and_compile_nothing(loaded, gpu_like, path):
     if path == "reference":
         with runtime.reference_kernels():
             engine = make_engine(loaded)
             before = long_lived_buffers(engine)
+            engine.warm_up(["a", "b"])
             sizes = every_step_size(engine)
     else:
         assert runtime.use_triton(loaded.model.device), "the Triton kernels must run (interpreter)"
         engine = make_engine(loaded)
         before = long_lived_buffers(engine)
-        sizes = every_step_size(engine)
+        with runtime.recording_launches() as variants:
+            engine.warm_up(["a", "b"])
+            warmed = set(variants)
+            sizes = every_step_size(engine)
+        assert variants == warmed, f"kernel variants first met after warm-up: {sorted(variants - warmed)}"
         # the limits put every kind of buffer in play
         assert {splitk.VALUES, splitk.TICKETS, nf4_matmul.DENSE, attention.PARTIALS} <= set(engine.workspace.sizes())
     assert sizes >= set(range(1, MAX_TOKENS + 1))
     assert engine.workspace.frozen and engine.workspace.reallocations == 0
     assert long_lived_buffers(engine) == before
+
+
+def test_the_warm_up_sweep_meets_what_every_step_size_meets(loaded, gpu_like):
+    """Brute force against the sweep's enumeration: every token count through every linear
+    (NF4 and LoRA, tokens of both adapters and the base model) and every decode batch at
+    every block table width (blocks of 64 positions: fewer widths, the same splits)."""
+    engine = make_engine(loaded, block_size=64)
+    model, dev, dtype = engine.model, engine.model.device, engine.model.dtype
+    with runtime.recording_launches() as swept:
+        launches.warm_up_kernels(model, engine.limits, engine.plans, engine.workspace)
+    with runtime.recording_launches() as met:
+        for t in range(1, MAX_TOKENS + 1):
+            meta = BatchMeta.build(torch.arange(t, dtype=torch.int32, device=dev) % 3 - 1, model.lora_slots)
+            for linear in model.linears().values():
+                linear(torch.randn(t, linear.in_features, device=dev, dtype=dtype), meta)
+        attn, c = model.layers[0].self_attn, model.config
+        for b in range(1, MAX_SEQS + 1):
+            for width in range(1, engine.limits.max_blocks + 1):
+                attention.paged_decode_attention(
+                    torch.randn(b, c.num_heads, c.head_dim, device=dev, dtype=dtype), attn.k_cache, attn.v_cache,
+                    torch.zeros(b, width, dtype=torch.int32, device=dev), torch.ones(b, dtype=torch.int32, device=dev),
+                    attn.scale, engine.workspace)
+    assert met <= swept, f"variants the sweep misses: {sorted(met - swept)}"
+    assert {v[0] for v in swept} >= {"_nf4_gemv_kernel", "_nf4_gemm_kernel", "_nf4_dequant_kernel",
+                                     "_lora_shrink_kernel", "_lora_expand_kernel", "_paged_decode_kernel",
+                                     "_split_combine_kernel"}
 
 
 def test_a_launch_beyond_the_limits_raises_naming_the_buffer(loaded, gpu_like):
@@ -124,3 +165,43 @@ def test_a_launch_beyond_the_limits_raises_naming_the_buffer(loaded, gpu_like):
     engine.add_request(Request("big", list(range(1, 21)), SamplingParams(max_tokens=1), "a"))
     with pytest.raises(WorkspaceError, match="splitk.values"):
         engine.step()
+
+
+@pytest.mark.gpu
+def test_graphs_stay_exact_while_larger_eager_steps_run_and_nothing_compiles_after_warm_up(tmp_path):
+    """The review's case: decode graphs captured, then prompt chunks far larger than any decode
+    batch run eagerly between replays. Greedy outputs must match an engine without graphs,
+    and serving must not compile a kernel after warm-up."""
+    make_model(tmp_path, "qwen2", hidden=256, max_position_embeddings=4096)
+    loaded = load_model(tmp_path, dtype=torch.bfloat16, device="cuda", progress=False)
+    model = loaded.model
+    adapters = {"a": random_adapter(model, 1), "b": random_adapter(model, 2, rank=8)}
+
+    def serve(graphs: bool) -> dict[str, list]:
+        engine = Engine(model, loaded.tokenizer, StaticAdapters(model, adapters, max_rank=8),
+                        EngineConfig(kv_cache_tokens=16384, max_num_seqs=16, max_num_batched_tokens=512,
+                                     cuda_graph_max_batch=16 if graphs else 0))
+        engine.warm_up(["a", "b"])
+        assert (engine.runner.graphs is not None and engine.runner.graphs.captured) == graphs
+        compiled, buffers = runtime.compiled_kernels(), engine.workspace.pointers()
+        outs: dict[str, list] = {}
+        for i in range(12):  # decodes first, then long prompts arrive while they run
+            rid = f"r{i}"
+            outs[rid] = []
+            n = 5 + i if i < 8 else 300 + 50 * i
+            engine.add_request(Request(rid, [1 + (i * 7 + j) % 200 for j in range(n)],
+                                       SamplingParams(max_tokens=24, temperature=0, logprobs=2, ignore_eos=True),
+                                       [None, "a", "b"][i % 3], on_output=outs[rid].append))
+            engine.step()
+        engine.run_until_done()
+        assert runtime.compiled_kernels() == compiled, "a kernel compiled while serving"
+        assert engine.workspace.pointers() == buffers
+        return {rid: [lp for o in lst for lp in o.logprobs] for rid, lst in outs.items()}
+
+    eager, graphed = serve(False), serve(True)
+    for rid in eager:
+        for a, b in zip(eager[rid], graphed[rid]):
+            assert b.top[0][1] == pytest.approx(a.top[0][1], abs=0.05), rid
+            if a.token_id != b.token_id:  # bf16 near-ties only; the histories differ after
+                assert a.top[0][1] - a.top[1][1] < 0.1, rid
+                break
