@@ -73,6 +73,7 @@ from loraplex.kernels import runtime  # noqa: E402
 from loraplex.kernels.lora import BatchMeta, LoRAStack, apply_lora, lora_delta_ref  # noqa: E402
 from loraplex.kernels.nf4 import quantize_nf4  # noqa: E402
 from loraplex.kernels.nf4_matmul import nf4_matmul, tune  # noqa: E402
+from loraplex.kernels.workspace import Workspace  # noqa: E402
 
 from bench.nf4_matmul import (Target, bench_device, capture, copies_for, copy_bandwidth, fmt,  # noqa: E402
                               loop_timer, markdown, plan_label, rel_error, wall_timer)
@@ -353,13 +354,13 @@ def side_by_side(k: int, n: int, m: int, device: torch.device, args) -> dict:
                graph=None, graph_error=None)
 
     if device.type == "cuda" and not args.no_graph:
-        def nf4_step():
+        def nf4_step(workspace: Workspace):
             for w in ws:
-                nf4_matmul(x, w)
+                nf4_matmul(x, w, workspace=workspace)
 
-        def both_step():
+        def both_step(workspace: Workspace):
             for w, st in zip(ws, stacks):
-                apply_lora(x, nf4_matmul(x, w), st, meta)
+                apply_lora(x, nf4_matmul(x, w, workspace=workspace), st, meta, workspace=workspace)
 
         try:
             g_nf4, g_both = capture(nf4_step), capture(both_step)

@@ -65,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from loraplex.kernels import runtime  # noqa: E402
 from loraplex.kernels.nf4 import NF4Weight, quantize_nf4  # noqa: E402
 from loraplex.kernels.nf4_matmul import Plan, nf4_matmul, nf4_matmul_ref, plan_for, tune  # noqa: E402
+from loraplex.kernels.workspace import Workspace  # noqa: E402
 
 MODELS: dict[str, dict[str, tuple[int, int]]] = {  # layer -> (N, K)
     "llama2-7b": {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)},
@@ -301,17 +302,23 @@ def copy_bandwidth(device: torch.device, nbytes: int, timer) -> float:
     return 2 * nbytes / (us * 1e-6)
 
 
-def capture(run: Callable[[], object]) -> torch.cuda.CUDAGraph:
-    """Warm `run` up on a side stream, then capture it into a CUDA graph (PyTorch's recipe)."""
+def capture(run: Callable[[Workspace], object]) -> torch.cuda.CUDAGraph:
+    """Warm `run(workspace)` up on a side stream (which sizes a workspace of its own), freeze
+    that workspace, then capture `run(workspace)` into a CUDA graph (PyTorch's recipe). A graph
+    bakes in its kernels' scratch buffers, so they must be fixed before capture, as an
+    engine's are."""
+    workspace = Workspace(torch.device("cuda", torch.cuda.current_device()))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
-            run()
+            run(workspace)
     torch.cuda.current_stream().wait_stream(side)
+    workspace.freeze()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        run()
+        run(workspace)
+    graph.workspace = workspace  # the graph writes these buffers: they live as long as it does
     return graph
 
 
@@ -326,18 +333,18 @@ def graph_timings(device: torch.device, args, bnb, copy_bw: float) -> list[dict]
     act_bytes = sum(x_by_k[k].numel() * x_by_k[k].element_size() for _, k in shapes)
     bytes_per_step = set_bytes + act_bytes  # one decode step: four products, weights + activations
 
-    methods: list[tuple[str, Callable[[], object]]] = []
+    methods: list[tuple[str, Callable[[Workspace], object]]] = []
 
-    def ours_step():
+    def ours_step(workspace: Workspace):
         for ws in layer_sets:
             for w in ws:
-                nf4_matmul(x_by_k[w.shape[1]], w)
+                nf4_matmul(x_by_k[w.shape[1]], w, workspace=workspace)
 
     methods.append(("ours", ours_step))
     if bnb is not None:
         lins = [[make_bnb_linear(bnb, w) for w in ws] for ws in layer_sets]
 
-        def bnb_step():
+        def bnb_step(_: Workspace):
             for ls in lins:
                 for lin in ls:
                     w = lin.weight
