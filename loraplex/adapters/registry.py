@@ -575,7 +575,10 @@ class AdapterRegistry:
                 entry.reading, entry.error = False, str(exc)
                 if entry in self._wanted:
                     self._wanted.remove(entry)
-                self._ends.append((entry, FinishReason.ERROR, f"adapter {entry.name!r} could not be loaded: {exc}"))
+                # the requests' error reaches API clients: no exception text (it names server paths);
+                # admins see it in info(name).error
+                self._ends.append((entry, FinishReason.ERROR,
+                                   f"adapter {entry.name!r} could not be loaded; see the server log"))
                 self._emit("load_failed", entry.name)
             return
         with self._lock:

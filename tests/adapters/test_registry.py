@@ -304,6 +304,7 @@ def test_page_in_failure_ends_waiting_requests_and_the_registry_recovers(world, 
     fine = submit(engine, "fine", "other")
     run(engine)
     assert finish(doomed) is FinishReason.ERROR and "could not be loaded" in doomed.outputs[-1].error
+    assert str(tmp_path) not in doomed.outputs[-1].error  # clients see no server path
     assert tokens(fine) == expected(oracle, adapters["r0"])
     assert "cannot be read" in registry.info("fragile").error
     weights.write_bytes(good)
