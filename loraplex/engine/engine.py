@@ -263,7 +263,8 @@ class Engine:
         self.run_until_done()
         if self._capture_pending:
             self._capture_graphs()
-        log.info("warm-up done in %.1fs", time.perf_counter() - started)
+        compiled = f", {runtime.compiled_kernels()} compiled kernels" if self.model.device.type == "cuda" else ""
+        log.info("warm-up done in %.1fs%s", time.perf_counter() - started, compiled)
 
     def _capture_graphs(self) -> None:
         self._capture_pending = False
