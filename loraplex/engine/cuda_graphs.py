@@ -79,7 +79,8 @@ class DecodeGraphs:
                                "(CausalLM.bind_kernels) before capture")
         self._state = self._bound_state()
         started = time.perf_counter()
-        # Warm every size first (Triton compiles, plans, split-K workspaces reach full size),
+        # Run every size eagerly first (Triton kernels compile if warm_up did not run, cuBLAS
+        # and the allocator settle),
         # then capture largest first so the smaller graphs reuse its memory pool.
         for b in self.sizes:
             self._forward(b)
@@ -87,7 +88,10 @@ class DecodeGraphs:
         pool = None
         for b in reversed(self.sizes):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: the registry's loader thread may allocate pinned host rows meanwhile
+            # (capture may happen at the first step, with page-ins under way); it never touches
+            # this stream
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self.outputs[b] = self._forward(b)
             pool = graph.pool()
             self.graphs[b] = graph
