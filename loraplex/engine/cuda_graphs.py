@@ -79,9 +79,8 @@ class DecodeGraphs:
                                "(CausalLM.bind_kernels) before capture")
         self._state = self._bound_state()
         started = time.perf_counter()
-        # Run every size eagerly first (Triton kernels compile if warm_up did not run, cuBLAS
-        # and the allocator settle),
-        # then capture largest first so the smaller graphs reuse its memory pool.
+        # Run every size eagerly first (Triton kernels compile if warm_up did not run; cuBLAS and
+        # the allocator settle), then capture largest first so the smaller graphs reuse its pool.
         for b in self.sizes:
             self._forward(b)
         torch.cuda.synchronize()
