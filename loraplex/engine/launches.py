@@ -68,7 +68,8 @@ def _linears(model: CausalLM) -> list[QuantLinear]:
     return list(seen.values())
 
 
-def _shrink_variants(stack: LoRAStack, limits: StepLimits, device: torch.device) -> Iterator[tuple[int, lora.ShrinkLaunch]]:
+def _shrink_variants(stack: LoRAStack, limits: StepLimits,
+                     device: torch.device) -> Iterator[tuple[int, lora.ShrinkLaunch]]:
     """(token count, launch) for every token count a step can have."""
     for t in range(1, limits.max_tokens + 1):
         yield t, lora.shrink_launch(stack, t, device)

@@ -336,8 +336,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     block, warps = silu_config(i)
     runtime.launch(
-        _silu_mul_kernel, (t, triton.cdiv(i, block)), gate_up, out, gate_up.stride(0), i, BLOCK=block, EXACT_BF16=INTERPRET,
-        num_warps=warps, enable_fp_fusion=False,
+        _silu_mul_kernel, (t, triton.cdiv(i, block)), gate_up, out, gate_up.stride(0), i,
+        BLOCK=block, EXACT_BF16=INTERPRET, num_warps=warps, enable_fp_fusion=False,
     )
     return out
 
