@@ -20,7 +20,7 @@ def generate(loaded, graphs: str, max_tokens=6):
     """graphs: "off", "eager" (padded buffers, no capture) or "captured"."""
     adapters = StaticAdapters(loaded.model, {"a": random_adapter(loaded.model, 1), "b": random_adapter(loaded.model, 2)}, max_rank=4)
     engine = Engine(loaded.model, loaded.tokenizer, adapters,
-                    EngineConfig(kv_cache_tokens=256, block_size=4, max_num_seqs=8,
+                    EngineConfig(kv_cache_tokens=256, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
                                  cuda_graph_max_batch=8 if graphs == "captured" else 0))
     if graphs == "eager":
         engine.runner.graphs = DecodeGraphs(loaded.model, 8, max_blocks=-(-engine.max_model_len // 4))

@@ -179,7 +179,7 @@ def test_graphs_stay_exact_while_larger_eager_steps_run_and_nothing_compiles_aft
 
     def serve(graphs: bool) -> dict[str, list]:
         engine = Engine(model, loaded.tokenizer, StaticAdapters(model, adapters, max_rank=8),
-                        EngineConfig(kv_cache_tokens=16384, max_num_seqs=16, max_num_batched_tokens=512,
+                        EngineConfig(kv_cache_tokens=16384, max_num_seqs=16, max_num_batched_tokens=256,
                                      cuda_graph_max_batch=16 if graphs else 0))
         engine.warm_up(["a", "b"])
         assert (engine.runner.graphs is not None and engine.runner.graphs.captured) == graphs
@@ -188,7 +188,7 @@ def test_graphs_stay_exact_while_larger_eager_steps_run_and_nothing_compiles_aft
         for i in range(12):  # decodes first, then long prompts arrive while they run
             rid = f"r{i}"
             outs[rid] = []
-            n = 5 + i if i < 8 else 300 + 50 * i
+            n = 5 + i if i < 8 else 200 + 100 * i  # chunks of up to 256 tokens beside graph-sized decodes
             engine.add_request(Request(rid, [1 + (i * 7 + j) % 200 for j in range(n)],
                                        SamplingParams(max_tokens=24, temperature=0, logprobs=2, ignore_eos=True),
                                        [None, "a", "b"][i % 3], on_output=outs[rid].append))
