@@ -122,7 +122,8 @@ def test_a_dying_thread_fails_every_request_and_call_still_waiting(engines, capl
     fake, engine = engines
 
     async def main():
-        running = engine.generate("running", [1, 2], SamplingParams(max_tokens=1000))
+        # steps run freely until the gate is set: a budget no loaded machine can exhaust meanwhile
+        running = engine.generate("running", [1, 2], SamplingParams(max_tokens=10**9))
         first = await running.__anext__()
         assert not first.finished
         fake.gate = threading.Event()             # the next step holds: what comes now only queues
