@@ -1,10 +1,21 @@
 """The asyncio face of the engine: one thread owns the device and loops over steps; coroutines
-submit requests and read their outputs through thread-safe hand-offs.
+submit requests and read their outputs.
 
-    async for out in engine.generate(request_id, prompt_ids, params, adapter): ...
+    async for batch in engine.submit([(request_id, prompt_ids, params), ...], adapter): ...
+    async for out in engine.generate(request_id, prompt_ids, params, adapter): ...   # one request
 
-Leaving the loop early (the client disconnected, the task was cancelled) aborts the request
-at the next step boundary and frees its KV blocks and adapter reference.
+Outputs cross threads once per step, not once per token: the engine thread collects every
+output a step (or a run of commands) produced and hands them to each event loop in one
+`call_soon_threadsafe`; a consumer gets all of its requests' outputs that arrived together as
+one batch. The engine thread and the event loop share the GIL, so every per-token cost on
+the way out is taken from the engine's steps.
+
+Text: requests without stop strings are detokenized here, by the consumer, not on the engine
+thread (the same IncrementalDetokenizer, so the same text); with stop strings the engine
+detokenizes, since a stop string must end generation at the token that completes it.
+
+Leaving the loop early (the client disconnected, the task was cancelled) aborts the requests
+at the next step boundary and frees their KV blocks and adapter references.
 
 Failures: a step that raises fails the requests the engine holds (finish reason ERROR, a
 message that names the request and points to the log, never the exception's text) and the
@@ -22,8 +33,9 @@ import logging
 import queue
 import threading
 import traceback
-from typing import AsyncIterator, Callable, TypeVar
+from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
+from .detokenizer import IncrementalDetokenizer
 from .engine import Engine
 from .request import FinishReason, Request, RequestOutput
 from .sampling import SamplingParams
@@ -46,6 +58,62 @@ def internal_error(what: str, request_id: str) -> str:
     return f"{what}; see the server log (request {request_id})"
 
 
+class OutputStream:
+    """Outputs of the requests submitted together, as the engine thread hands them over.
+    Filled on its event loop only (`AsyncEngine._deliver`); read by one consumer."""
+
+    __slots__ = ("items", "loop", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: list[RequestOutput | Exception] = []
+        self.waiter: asyncio.Future | None = None
+
+    async def take(self) -> list[RequestOutput | Exception]:
+        """Everything that arrived since the last take (waits for at least one)."""
+        while not self.items:
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
+
+
+def _deliver(batch: list[tuple[OutputStream, RequestOutput | Exception]]) -> None:
+    """On the event loop: one engine hand-off, into each stream; each waiting consumer is woken once."""
+    for stream, item in batch:
+        stream.items.append(item)
+    for stream, _ in batch:
+        waiter = stream.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+async def consume(stream: OutputStream, jobs: Sequence[tuple[str, list[int], SamplingParams]], unfinished: set[str],
+                  tokenizer) -> AsyncIterator[list[RequestOutput]]:
+    """The batches of `stream` until every request in `unfinished` (emptied as they finish) has
+    had its last output; the text of requests without stop strings is made here."""
+    texts = {request_id: IncrementalDetokenizer(tokenizer, prompt_ids)
+             for request_id, prompt_ids, params in jobs if not params.stop}
+    while unfinished:
+        batch = []
+        for out in await stream.take():
+            if isinstance(out, Exception):
+                raise out
+            if out.request_id not in unfinished:  # a second last output (the engine stopping)
+                continue
+            if out.finished:
+                unfinished.discard(out.request_id)
+            detokenizer = texts.get(out.request_id)
+            if detokenizer is not None:
+                out.text = _text(detokenizer, out)
+            batch.append(out)
+        if batch:
+            yield batch
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -62,6 +130,11 @@ class AsyncEngine:
         self._exited = False
         self._requests: set[Request] = set()
         self._calls: set[concurrent.futures.Future] = set()
+        # Outputs produced on the engine thread, not yet handed over, as (target, entry): target
+        # an event loop (entry: (stream, output)) or a sink (entry: (request id, output)). Only
+        # the engine thread touches it (requests' on_output, _flush).
+        self._outbox: list[tuple[Any, tuple]] = []
+        self.handoffs = 0           # cross-thread hand-offs made (call_soon_threadsafe calls)
 
     def start(self) -> AsyncEngine:
         self._thread.start()
@@ -79,6 +152,15 @@ class AsyncEngine:
         if self.failed_steps >= UNHEALTHY_AFTER_FAILED_STEPS:
             return f"the last {self.failed_steps} engine steps failed"
         return None
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued in the engine, not yet admitted to a step."""
+        return len(self.engine.scheduler.waiting)
+
+    def check_request(self, prompt_len: int, max_tokens: int, adapter: str | None) -> None:
+        """Engine.check_request: what can never run raises before anything is queued."""
+        self.engine.check_request(prompt_len, max_tokens, adapter)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort what is left and stop the engine thread."""
@@ -112,8 +194,9 @@ class AsyncEngine:
                     req.on_output(RequestOutput(req.request_id, [], "", None, finished=True, finish_reason=reason,
                                                 prompt_tokens=len(req.prompt_ids),
                                                 completion_tokens=len(req.output_ids), error=error))
-                except Exception:  # its event loop is closed: nobody waits on it any more
+                except Exception:  # nobody waits on it any more
                     pass
+            self._flush()
             for future in calls:
                 if not future.done():
                     future.set_exception(EngineStoppedError(self._stopped_message()))
@@ -139,6 +222,7 @@ class AsyncEngine:
                     self._run(command)
             except queue.Empty:
                 pass
+            self._flush()  # what the commands produced (aborts' last outputs, refused requests)
             if self._stop.is_set():
                 return
             try:
@@ -155,6 +239,29 @@ class AsyncEngine:
                 for request_id in doomed:
                     self.engine.abort(request_id, FinishReason.ERROR,
                                       internal_error("internal error in the engine", request_id))
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand over what the outbox holds: one call per event loop (or sink), not per token."""
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        target = batch[0][0]
+        if all(t is target for t, _ in batch):
+            groups = {target: [entry for _, entry in batch]}
+        else:  # several event loops (tests, scripts)
+            groups = {}
+            for t, entry in batch:
+                groups.setdefault(t, []).append(entry)
+        for target, entries in groups.items():
+            try:
+                if isinstance(target, asyncio.AbstractEventLoop):
+                    target.call_soon_threadsafe(_deliver, entries)
+                else:
+                    target(entries)
+                self.handoffs += 1
+            except RuntimeError:  # that event loop is closed: nobody reads these any more
+                pass
 
     def _run(self, command: Callable[[], None]) -> None:
         try:
@@ -188,38 +295,91 @@ class AsyncEngine:
             with self._lock:
                 self._calls.discard(future)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its outputs until the one with `finished` set.
+    async def submit(self, jobs: Sequence[tuple[str, list[int], SamplingParams]], adapter: str | None = None
+                     ) -> AsyncIterator[list[RequestOutput]]:
+        """Submit requests (request id, prompt ids, params) on one adapter together and yield
+        their outputs in batches, as they arrive (a batch holds outputs of any of them, in
+        order per request), until each has had its output with `finished` set.
 
-        Requests that can never run (too long, unknown adapter) raise before the first output
-        (RequestError, UnknownAdapterError), even when the adapter goes away after this check."""
+        Requests that can never run (too long, unknown adapter) raise before anything is
+        queued (RequestError, UnknownAdapterError); one refused at admission (its adapter was
+        unloaded since this check) raises from the iteration, and the others are aborted."""
         if not self.running:
             raise EngineStoppedError(self._stopped_message())
-        self.engine.check_request(len(prompt_ids), params.max_tokens, adapter)
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        req = Request(request_id, list(prompt_ids), params, adapter,
-                      on_output=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
-        self._enlist(self._requests, req)
+        for _, prompt_ids, params in jobs:
+            self.engine.check_request(len(prompt_ids), params.max_tokens, adapter)
+        stream = OutputStream(asyncio.get_running_loop())
+        loop = stream.loop
 
-        def add():
-            try:
-                self.engine.add_request(req)
-            except Exception as exc:  # e.g. the adapter was unloaded since check_request: raise it there
-                loop.call_soon_threadsafe(outputs.put_nowait, exc)
-        self._commands.put(add)
-        finished = False
+        def post(item):  # on the engine thread
+            self._outbox.append((loop, (stream, item)))
+        reqs = []
+        for request_id, prompt_ids, params in jobs:
+            req = Request(request_id, list(prompt_ids), params, adapter, on_output=post)
+            req.detokenize = bool(params.stop)  # without stop strings the text is made by the consumer
+            reqs.append(req)
+        for req in reqs:
+            self._enlist(self._requests, req)
+        self._commands.put(lambda: self._add(reqs))
+        unfinished = {req.request_id for req in reqs}
         try:
-            while not finished:
-                out = await outputs.get()
-                if isinstance(out, Exception):
-                    finished = True
-                    raise out
-                finished = out.finished
-                yield out
+            async for batch in consume(stream, jobs, unfinished, self.engine.tokenizer):
+                yield batch
         finally:
             with self._lock:
-                self._requests.discard(req)
-            if not finished:
-                self._commands.put(lambda: self.engine.abort(request_id))
+                for req in reqs:
+                    self._requests.discard(req)
+            if unfinished:
+                doomed = list(unfinished)
+                self._commands.put(lambda: [self.engine.abort(request_id) for request_id in doomed])
+
+    def add(self, reqs: list[Request], sink: Callable[[list], None]) -> None:
+        """Submit requests whose outputs go to `sink` as (request id, output or exception), for
+        a caller outside this process (engine_process.py); abort them with `post`. If the
+        engine has stopped this does nothing: that caller learns it from `died` / `running`."""
+        def post_for(request_id):
+            return lambda item: self._outbox.append((sink, (request_id, item)))
+        try:
+            for req in reqs:
+                req.on_output = post_for(req.request_id)
+                self._enlist(self._requests, req)
+        except EngineStoppedError:
+            return
+        self._commands.put(lambda: self._add(reqs))
+
+    def _add(self, reqs: list[Request]) -> None:
+        """Engine thread: admit `reqs`; on the first refusal (e.g. the adapter was unloaded
+        since check_request), post the error and admit none of the rest."""
+        for req in reqs:
+            try:
+                self.engine.add_request(req)
+            except Exception as exc:
+                req.on_output(exc)
+                with self._lock:
+                    for r in reqs:
+                        self._requests.discard(r)
+                return
+
+    def post(self, command: Callable[[], None]) -> None:
+        """Run `command` on the engine thread between steps (errors are logged)."""
+        self._commands.put(command)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        """One request's outputs until the one with `finished` set (see `submit`)."""
+        async for batch in self.submit([(request_id, prompt_ids, params)], adapter):
+            for out in batch:
+                yield out
+
+
+def _text(detokenizer: IncrementalDetokenizer, out: RequestOutput) -> str:
+    """The text of `out`'s tokens, for a request the engine does not detokenize (no stop
+    strings): as Engine._append and _finish make it. A stop token (EOS, stop_token_ids)
+    ends the output without its text; any other end releases what is held back."""
+    ids = out.token_ids
+    if out.finished and out.finish_reason is FinishReason.STOP:
+        ids = ids[:-1]  # no stop strings: a STOP is always a stop token, the last one
+    text = "".join([detokenizer.push(t)[0] for t in ids])
+    if out.finished:
+        text += detokenizer.flush()
+    return text

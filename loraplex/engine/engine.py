@@ -65,6 +65,20 @@ class RequestError(ValueError):
     """A request the engine cannot take (too long, bad parameters); safe to show the client."""
 
 
+def check_limits(prompt_len: int, max_tokens: int, max_model_len: int, capacity_tokens: int) -> None:
+    """RequestError for a request that can never fit: empty, past the context length, or
+    larger than the whole KV cache."""
+    if prompt_len < 1:
+        raise RequestError("the prompt is empty")
+    if prompt_len + max_tokens > max_model_len:
+        raise RequestError(f"this model's maximum context length is {max_model_len} tokens; the "
+                           f"request asks for {prompt_len + max_tokens} ({prompt_len} in the prompt, "
+                           f"{max_tokens} to generate)")
+    if prompt_len + max_tokens > capacity_tokens:
+        raise RequestError(f"the request needs {prompt_len + max_tokens} tokens of KV cache; the whole "
+                           f"cache holds {capacity_tokens}")
+
+
 class Engine:
     def __init__(self, model: CausalLM, tokenizer, adapters: AdapterProvider | None = None,
                  config: EngineConfig | None = None, eos_token_ids: set[int] | None = None):
@@ -111,15 +125,7 @@ class Engine:
 
     def check_request(self, prompt_len: int, max_tokens: int, adapter: str | None) -> None:
         """Raise RequestError / UnknownAdapterError for what can never run (before queuing)."""
-        if prompt_len < 1:
-            raise RequestError("the prompt is empty")
-        if prompt_len + max_tokens > self.max_model_len:
-            raise RequestError(f"this model's maximum context length is {self.max_model_len} tokens; the "
-                               f"request asks for {prompt_len + max_tokens} ({prompt_len} in the prompt, "
-                               f"{max_tokens} to generate)")
-        if prompt_len + max_tokens > self.allocator.capacity_tokens:
-            raise RequestError(f"the request needs {prompt_len + max_tokens} tokens of KV cache; the whole "
-                               f"cache holds {self.allocator.capacity_tokens}")
+        check_limits(prompt_len, max_tokens, self.max_model_len, self.allocator.capacity_tokens)
         if adapter is not None and (self.adapters is None or not self.adapters.has(adapter)):
             raise UnknownAdapterError(adapter)
 
@@ -130,9 +136,12 @@ class Engine:
         if req.adapter is not None:
             req.adapter_ref = self.adapters.acquire(req.adapter)
         req.generator = make_generator(req.params.seed, self.model.device)
-        req.detokenizer = IncrementalDetokenizer(
-            self.tokenizer, req.prompt_ids, stop=req.params.stop,
-            include_stop=req.params.include_stop_str_in_output)
+        if req.params.stop and not req.detokenize:
+            raise RequestError("a request with stop strings must be detokenized by the engine")
+        if req.detokenize:
+            req.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, req.prompt_ids, stop=req.params.stop,
+                include_stop=req.params.include_stop_str_in_output)
         self.requests[req.request_id] = req
         self.scheduler.add(req)
 
@@ -197,7 +206,8 @@ class Engine:
         if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
             reason = FinishReason.STOP  # a stop token's text is not part of the output
         else:
-            text, hit = req.detokenizer.push(token)
+            if req.detokenizer is not None:
+                text, hit = req.detokenizer.push(token)
             if hit:
                 reason = FinishReason.STOP
             elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:

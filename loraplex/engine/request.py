@@ -51,6 +51,7 @@ class Request:
     adapter: str | None = None                      # registered adapter name, None = base model
     on_output: Callable[[RequestOutput], None] | None = None  # output channel (called on the engine thread)
     arrival: float = field(default_factory=time.monotonic)
+    detokenize: bool = True   # False: outputs carry no text (the consumer detokenizes; no stop strings)
 
     # engine state
     status: Status = Status.WAITING

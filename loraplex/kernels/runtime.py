@@ -43,6 +43,11 @@ def reference_kernels():
         _reference_only = saved
 
 
+def references_forced() -> bool:
+    """Whether the references were asked for (reference_kernels(), LORAPLEX_KERNELS=reference)."""
+    return _reference_only
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors to fill (a small stand-in off CUDA, for the interpreter)."""
     if device.type == "cuda":

@@ -76,7 +76,8 @@ async def register_adapter(body: RegisterAdapter, request: Request):
 @router.get("/admin/adapters")
 async def list_adapters(request: Request):
     state = _state(request)
-    return {"object": "list", "data": [_info(i) for i in state.registry.list()], "usage": state.registry.usage()}
+    infos, usage = await _call(state.registry.list), await _call(state.registry.usage)
+    return {"object": "list", "data": [_info(i) for i in infos], "usage": usage}
 
 
 @router.post("/admin/adapters/merge", status_code=201)

@@ -32,6 +32,7 @@ class ServerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048           # tokens per engine step (chunked-prefill budget)
     enforce_eager: bool = False                  # no CUDA graphs
+    engine_process: bool = True                  # the engine in its own process (False: on a thread here)
     max_gpu_adapters: int = 8
     max_host_adapters: int = 32
     max_rank: int = 16
@@ -129,6 +130,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
          default=d.max_num_batched_tokens)
     switch("enforce-eager", "run every step eagerly, without CUDA graphs (slower decoding; to debug, or to "
                             "compare with the graphs)")
+    switch("engine-in-process", "run the engine on a thread of the API server's process instead of its own "
+                                "process (they then share one GIL: slower serving; for debugging)")
     flag("max-gpu-adapters", "adapters resident on the GPU at once (pre-allocated slots)", type=int,
          default=d.max_gpu_adapters)
     flag("max-host-adapters", "adapters kept in pinned host memory; the rest stay on disk", type=int,
@@ -164,6 +167,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         kv_cache_tokens=args.kv_cache_tokens, gpu_memory_fraction=args.gpu_memory_fraction,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+        engine_process=not args.engine_in_process,
         max_gpu_adapters=args.max_gpu_adapters,
         max_host_adapters=args.max_host_adapters, max_rank=args.max_rank, adapter_roots=listed("adapter_root"),
         api_keys=listed("api_key"), admin_key=args.admin_key,

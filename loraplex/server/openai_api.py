@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 import uuid
@@ -27,6 +26,7 @@ from ..engine.request import FinishReason, RequestOutput
 from ..engine.sampling import SamplingParams
 from .auth import is_admin, require_api_key
 from .errors import APIError, error_body
+from . import sse
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .state import ServerState
 
@@ -57,7 +57,7 @@ def check_serving(state: ServerState) -> None:
     if not state.async_engine.running:
         raise APIError(503, f"the model cannot serve: {state.async_engine.health or 'the engine is not running'}; "
                             f"see the server log")
-    if len(state.engine.scheduler.waiting) >= state.config.max_queue:
+    if state.async_engine.waiting >= state.config.max_queue:
         raise APIError(429, f"too many requests waiting ({state.config.max_queue}); retry later")
 
 
@@ -96,7 +96,7 @@ def sampling_params(state: ServerState, body, prompt_len: int, max_tokens: int |
 
 def check_fits(state: ServerState, prompt_len: int, params: SamplingParams, adapter: str | None) -> None:
     try:
-        state.engine.check_request(prompt_len, params.max_tokens, adapter)
+        state.async_engine.check_request(prompt_len, params.max_tokens, adapter)
     except RequestError as exc:
         raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
     except UnknownAdapterError as exc:
@@ -115,7 +115,7 @@ def tokenize_prompts(state: ServerState, prompt) -> list[list[int]]:
         prompts = [list(p) for p in prompt]
     else:
         raise APIError(400, "prompt must be a string, a list of strings, or token ids", param="prompt")
-    vocab = state.engine.model.config.vocab_size
+    vocab = state.vocab_size
     for ids in prompts:
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
@@ -140,47 +140,39 @@ class Job:
     tokens: int = 0
     finish: FinishReason | None = None
     error: str | None = None
+    first_token: float | None = None   # time.monotonic() of its first and latest token
+    last_token: float | None = None
 
 
 async def run_jobs(state: ServerState, jobs: list[Job], adapter: str | None, model: str,
-                   arrival: float) -> AsyncIterator[tuple[Job, RequestOutput]]:
-    """Every job's outputs as they come, interleaved; metrics recorded per job. Leaving early
-    cancels the jobs, which aborts their engine requests."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def one(job: Job) -> None:
-        first = last = None
-        try:
-            async for out in state.async_engine.generate(job.request_id, job.prompt_ids, job.params, adapter):
-                now = time.monotonic()
-                if out.token_ids:
-                    if first is None:
-                        first = now
-                    elif last is not None:
-                        state.metrics.observe_token_gap(now - last)
-                    last = now
-                if out.finished:
-                    state.metrics.observe_request(model, out.finish_reason.value, out.prompt_tokens,
-                                                  out.completion_tokens, now - arrival, out.queue_seconds,
-                                                  None if first is None else first - arrival)
-                await queue.put((job, out))
-        except Exception as exc:  # the adapter vanished before admission, the engine stopped
-            await queue.put((job, as_api_error(exc, job.request_id)))
-
-    tasks = [asyncio.create_task(one(job)) for job in jobs]
+                   arrival: float) -> AsyncIterator[list[tuple[Job, RequestOutput]]]:
+    """The jobs' outputs in batches, as the engine hands them over (one batch per engine step
+    at most); metrics recorded per job. Failures raise APIError. Leaving early aborts the
+    jobs' engine requests."""
+    by_id = {job.request_id: job for job in jobs}
+    metrics = state.metrics
     try:
-        pending = len(jobs)
-        while pending:
-            job, item = await queue.get()
-            if isinstance(item, Exception):
-                pending -= 1
-                raise item
-            pending -= item.finished
-            yield job, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        async for batch in state.async_engine.submit([(j.request_id, j.prompt_ids, j.params) for j in jobs], adapter):
+            now = time.monotonic()
+            pairs = []
+            for out in batch:
+                job = by_id[out.request_id]
+                if out.token_ids:
+                    if job.first_token is None:
+                        job.first_token = now
+                    elif job.last_token is not None:
+                        metrics.observe_token_gap(now - job.last_token)
+                    job.last_token = now
+                job.tokens = out.completion_tokens
+                if out.finished:
+                    job.finish = out.finish_reason
+                    metrics.observe_request(model, out.finish_reason.value, out.prompt_tokens, out.completion_tokens,
+                                            now - arrival, out.queue_seconds,
+                                            None if job.first_token is None else job.first_token - arrival)
+                pairs.append((job, out))
+            yield pairs
+    except Exception as exc:  # the adapter vanished before admission, the engine stopped
+        raise as_api_error(exc, jobs[0].request_id) from None
 
 
 def as_api_error(exc: Exception, request_id: str) -> APIError:
@@ -210,21 +202,15 @@ def usage(jobs: list[Job], prompts: list[list[int]]) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def sse(data) -> str:
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
 async def complete(state: ServerState, jobs: list[Job], adapter: str | None, model: str, arrival: float) -> None:
     """Run every job to the end, keeping text and logprobs on the jobs; errors raise APIError."""
-    try:
-        async for job, out in run_jobs(state, jobs, adapter, model, arrival):
+    async for pairs in run_jobs(state, jobs, adapter, model, arrival):
+        for job, out in pairs:
             job.text.append(out.text)
-            job.logprobs += out.logprobs or []
-            job.tokens = out.completion_tokens
+            if out.logprobs:
+                job.logprobs += out.logprobs
             if out.finished:
-                job.finish, job.error = out.finish_reason, out.error
-    except Exception as exc:
-        raise as_api_error(exc, jobs[0].request_id) from None
+                job.error = out.error
     failed = [j for j in jobs if j.finish is FinishReason.ERROR]
     if failed:
         raise APIError(500, failed[0].error or "the engine failed on this request")
@@ -242,29 +228,31 @@ def make_jobs(prefix: str, prompts: list[list[int]], params: SamplingParams, n: 
 
 def stream_response(state: ServerState, jobs: list[Job], adapter: str | None, model: str, arrival: float,
                     chunks, usage_chunk=None, first: list[dict] = ()) -> StreamingResponse:
-    """SSE over the jobs' outputs: `first` chunks, then `chunks(job, out)` for each output (a
-    job the engine failed gets an error event instead), the `usage_chunk()` when asked for,
-    an error event if the request fails on the way, and `[DONE]`."""
+    """SSE over the jobs' outputs: `first` chunks, then the events `chunks(job, out)` makes for
+    each output (a job the engine failed gets an error event instead), the `usage_chunk()`
+    when asked for, an error event if the request fails on the way, and `[DONE]`. The events
+    of one engine hand-off go out in one write."""
     async def events():
-        for chunk in first:
-            yield sse(chunk)
+        if first:
+            yield b"".join(sse.event(chunk) for chunk in first)
         try:
-            async for job, out in run_jobs(state, jobs, adapter, model, arrival):
-                job.tokens = out.completion_tokens
-                if out.finished:
-                    job.finish = out.finish_reason
-                    if out.finish_reason is FinishReason.ERROR:
-                        yield sse(error_body(500, out.error or "the engine failed on this request"))
+            async for pairs in run_jobs(state, jobs, adapter, model, arrival):
+                parts = []
+                for job, out in pairs:
+                    if out.finished and out.finish_reason is FinishReason.ERROR:
+                        error = error_body(500, out.error or "the engine failed on this request")
+                        parts.append(f"data: {sse.dumps(error)}\n\n")
                         continue
-                for chunk in chunks(job, out):
-                    yield sse(chunk)
+                    parts += chunks(job, out)
+                if parts:
+                    yield "".join(parts).encode()
             if usage_chunk is not None:
-                yield sse(usage_chunk())
+                yield sse.event(usage_chunk())
         except Exception as exc:
             err = as_api_error(exc, jobs[0].request_id)
             state.metrics.observe_error(err.status)
-            yield sse(error_body(err.status, err.message, err.param, err.code))
-        yield "data: [DONE]\n\n"
+            yield sse.event(error_body(err.status, err.message, err.param, err.code))
+        yield sse.DONE
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -317,15 +305,16 @@ async def completions(body: CompletionRequest, request: Request):
         return {**base, "choices": choices, "usage": usage(jobs, prompts)}
 
     offsets = {j.index: 0 for j in jobs}
+    encoder = sse.ChunkEncoder(base)
 
-    def chunks(job: Job, out: RequestOutput):
-        lps = None
+    def chunks(job: Job, out: RequestOutput) -> list[str]:
+        finish = finish_reason(job) if out.finished else None
         if body.logprobs is not None and out.logprobs:
             lps = completion_logprobs(state, out.logprobs, offsets[job.index])
+            offsets[job.index] += len(out.text)
+            return [encoder.choice({"index": job.index, "text": out.text, "logprobs": lps, "finish_reason": finish})]
         offsets[job.index] += len(out.text)
-        if out.text or out.finished or lps:
-            yield {**base, "choices": [{"index": job.index, "text": out.text, "logprobs": lps,
-                                        "finish_reason": finish_reason(job) if out.finished else None}]}
+        return [encoder.text(job.index, out.text, finish)] if out.text or out.finished else []
 
     usage_chunk = (lambda: {**base, "choices": [], "usage": usage(jobs, prompts)}) if include_usage(body) else None
     return stream_response(state, jobs, adapter, body.model, arrival, chunks, usage_chunk)
@@ -387,15 +376,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         return {**base, "choices": choices, "usage": usage(jobs, [prompt])}
 
     base["object"] = "chat.completion.chunk"
+    encoder = sse.ChunkEncoder(base)
 
-    def chunks(job: Job, out: RequestOutput):
-        lps = chat_logprobs(state, out.logprobs) if body.logprobs and out.logprobs else None
-        if out.text or lps:
-            yield {**base, "choices": [{"index": job.index, "delta": {"content": out.text}, "logprobs": lps,
-                                        "finish_reason": None}]}
+    def chunks(job: Job, out: RequestOutput) -> list[str]:
+        events = []
+        if body.logprobs and out.logprobs:
+            events.append(encoder.choice({"index": job.index, "delta": {"content": out.text},
+                                          "logprobs": chat_logprobs(state, out.logprobs), "finish_reason": None}))
+        elif out.text:
+            events.append(encoder.content(job.index, out.text))
         if out.finished:
-            yield {**base, "choices": [{"index": job.index, "delta": {}, "logprobs": None,
-                                        "finish_reason": finish_reason(job)}]}
+            events.append(encoder.choice({"index": job.index, "delta": {}, "logprobs": None,
+                                          "finish_reason": finish_reason(job)}))
+        return events
 
     # the role first, as OpenAI does
     roles = [{**base, "choices": [{"index": job.index, "delta": {"role": "assistant", "content": ""},
@@ -418,7 +411,7 @@ async def models(request: Request):
     created = int(state.started_at)
     data = [{"id": state.model_name, "object": "model", "created": created, "owned_by": "loraplex",
              "root": str(state.model_dir) if admin and state.model_dir else None, "parent": None}]
-    for info in state.registry.list():
+    for info in await asyncio.to_thread(state.registry.list):  # the engine process may hold the registry
         if info.state != "ready":
             continue
         data.append({"id": info.name, "object": "model", "created": int(info.registered_at), "owned_by": "loraplex",

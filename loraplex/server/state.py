@@ -1,12 +1,18 @@
-"""What the server runs on: the model, the adapter registry, the engine thread and the metrics.
+"""What the server runs on: the model, the adapter registry, the engine and the metrics.
 
-`ServerState.start()` loads everything on a background thread (the model with a progress
-bar, the startup adapters, a warm-up generation through every kernel), so `/health` answers
-at once and `/ready` turns 200 only when the model can serve.
+`ServerState.start()` loads everything in the background (the model with a progress bar, the
+startup adapters, a warm-up generation through every kernel), so `/health` answers at once
+and `/ready` turns 200 only when the model can serve.
+
+By default the engine runs in its own process (`engine_process.py`: `async_engine` is then an
+EngineClient and `registry` a RegistryClient, and `engine` is None); with
+`engine_process=False` (`--engine-in-process`) it runs on a thread of this process
+(`AsyncEngine`), which tests use to reach into the engine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -40,6 +46,46 @@ def demo_model_dir() -> Path:
     return MODEL_DIR
 
 
+def build_engine(config: ServerConfig, on_adapter_event=None):
+    """Load the model, register the startup adapters, build and warm up the engine: the
+    (tokenizer, registry, engine, model name) a server runs on, in whichever process."""
+    c = config
+    model_dir = Path(c.model) if c.model else demo_model_dir()
+    model_name = c.served_model_name or (DEMO_NAME if not c.model else model_dir.name)
+    device = c.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = c.dtype if c.dtype != "auto" else "bf16" if device == "cuda" else "fp32"
+    log.info("loading %s on %s (%s)", model_dir, device, dtype)
+    loaded = load_model(model_dir, dtype=dtype, device=device, progress=True)
+    registry = AdapterRegistry(
+        loaded.model, BaseModelSpec.from_hf_config(loaded.hf_config),
+        RegistryConfig(gpu_slots=c.max_gpu_adapters, host_slots=c.max_host_adapters, max_rank=c.max_rank),
+        on_event=on_adapter_event)
+    for name, path in c.adapters.items():
+        if name == model_name:
+            raise ValueError(f"--adapter {name}: the base model is served under that name")
+        registry.register(name, path)
+    engine = Engine(loaded.model, loaded.tokenizer, registry,
+                    EngineConfig(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+                                 kv_cache_tokens=c.kv_cache_tokens, memory_fraction=c.gpu_memory_fraction,
+                                 max_model_len=c.max_model_len,
+                                 **({"cuda_graph_max_batch": 0} if c.enforce_eager else {})),
+                    eos_token_ids=eos_token_ids(model_dir, loaded.tokenizer))
+    engine.warm_up(list(c.adapters))
+    return loaded.tokenizer, registry, engine, model_name
+
+
+def take_snapshot(engine: Engine, registry: AdapterRegistry, async_engine: AsyncEngine) -> Snapshot:
+    """The gauges' values, read where the engine runs."""
+    usage = registry.usage()
+    running, waiting = registry.resident_and_waiting()
+    return Snapshot(len(engine.scheduler.running), len(engine.scheduler.waiting), engine.allocator.usage(),
+                    {t: usage[f"tier_{t}"] for t in ("gpu", "host", "disk")}, running, waiting,
+                    registry.num_slots, engine_healthy=async_engine.health is None,
+                    engine_step_failures=async_engine.step_failures)
+
+
 def eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
     """EOS ids from generation_config.json (Llama 3 lists several, e.g. <|eot_id|>) and the tokenizer."""
     from transformers import GenerationConfig
@@ -69,6 +115,8 @@ class ServerState:
         self.registry: AdapterRegistry | None = None
         self.tokenizer = None
         self.max_model_len = 0
+        self.vocab_size = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = threading.Event()
         self.draining = False
         self.started_at = time.time()
@@ -80,6 +128,15 @@ class ServerState:
     # -- startup / shutdown ---------------------------------------------------------------
 
     def start(self, background: bool = True) -> None:
+        """Load in the background (from the app's startup: the engine process's outputs are
+        read on the running event loop), or here and now."""
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        if self.config.engine_process and self._loop is None:
+            raise RuntimeError("the engine process needs a running event loop: start the server from the app "
+                               "(create_app), or set engine_process=False")
         if background:
             self._thread = threading.Thread(target=self._load_logged, name="loraplex-startup", daemon=True)
             self._thread.start()
@@ -95,38 +152,43 @@ class ServerState:
             log.exception("startup failed; the server stays up, not ready")
 
     def _load(self) -> None:
-        c = self.config
         started = time.monotonic()
         model_dir = self.model_dir or demo_model_dir()
         self.model_name = self.model_name or model_dir.name
         self.metrics.model_name = self.model_name
-        device = c.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = c.dtype if c.dtype != "auto" else "bf16" if device == "cuda" else "fp32"
-        log.info("loading %s on %s (%s)", model_dir, device, dtype)
-        loaded = load_model(model_dir, dtype=dtype, device=device, progress=True)
-        self.tokenizer = loaded.tokenizer
-        registry = AdapterRegistry(
-            loaded.model, BaseModelSpec.from_hf_config(loaded.hf_config),
-            RegistryConfig(gpu_slots=c.max_gpu_adapters, host_slots=c.max_host_adapters, max_rank=c.max_rank),
-            on_event=self.metrics.on_adapter_event)
-        for name, path in c.adapters.items():
-            if name == self.model_name:
-                raise ValueError(f"--adapter {name}: the base model is served under that name")
-            registry.register(name, path)
-        engine = Engine(loaded.model, loaded.tokenizer, registry,
-                        EngineConfig(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
-                                     kv_cache_tokens=c.kv_cache_tokens, memory_fraction=c.gpu_memory_fraction,
-                                     max_model_len=c.max_model_len,
-                                     **({"cuda_graph_max_batch": 0} if c.enforce_eager else {})),
-                        eos_token_ids=eos_token_ids(model_dir, loaded.tokenizer))
-        engine.warm_up(list(c.adapters))
-        engine.on_step = self.metrics.observe_step
-        self.registry, self.engine, self.max_model_len = registry, engine, engine.max_model_len
-        self.async_engine = AsyncEngine(engine).start()
+        if self.config.engine_process:
+            self._load_process(model_dir)
+        else:
+            tokenizer, registry, engine, _ = build_engine(self.config, self.metrics.on_adapter_event)
+            engine.on_step = self.metrics.observe_step
+            self.tokenizer, self.registry, self.engine = tokenizer, registry, engine
+            self.max_model_len, self.vocab_size = engine.max_model_len, engine.model.config.vocab_size
+            self.async_engine = AsyncEngine(engine).start()
+        if self.draining:  # SIGTERM while loading
+            return
         self.ready.set()
-        log.info("ready: %s with %d adapters in %.1f s", self.model_name, len(c.adapters), time.monotonic() - started)
+        log.info("ready: %s with %d adapters in %.1f s", self.model_name, len(self.config.adapters),
+                 time.monotonic() - started)
+
+    def _load_process(self, model_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        from ..kernels import runtime
+        from .engine_process import EngineClient, RegistryClient
+
+        if self._loop is None:
+            raise RuntimeError("the engine process needs the server's event loop: call start() from it")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)  # here too: prompts in, text out
+        client = EngineClient(self.config, self.metrics, self._loop, reference_kernels=runtime.references_forced())
+        client.tokenizer = self.tokenizer
+        self.async_engine = client
+        try:
+            info = client.wait_ready()
+        except RuntimeError:
+            client.shutdown(5)
+            raise
+        self.registry = RegistryClient(client)
+        self.max_model_len, self.vocab_size = info["max_model_len"], info["vocab_size"]
 
     def shutdown(self) -> None:
         self.draining = True
@@ -138,15 +200,15 @@ class ServerState:
     # -- queries --------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        engine, registry, async_engine = self.engine, self.registry, self.async_engine
-        if engine is None or registry is None or async_engine is None:
+        registry, async_engine = self.registry, self.async_engine
+        if registry is None or async_engine is None or not self.ready.is_set():
             return Snapshot(0, 0, 0.0, {"gpu": 0, "host": 0, "disk": 0}, [], [], self.config.max_gpu_adapters)
-        usage = registry.usage()
-        running, waiting = registry.resident_and_waiting()
-        return Snapshot(len(engine.scheduler.running), len(engine.scheduler.waiting), engine.allocator.usage(),
-                        {t: usage[f"tier_{t}"] for t in ("gpu", "host", "disk")}, running, waiting,
-                        registry.num_slots, engine_healthy=async_engine.health is None,
-                        engine_step_failures=async_engine.step_failures)
+        if self.engine is None:  # the engine's own process reads it
+            if not async_engine.running:
+                return Snapshot(0, 0, 0.0, {"gpu": 0, "host": 0, "disk": 0}, [], [], registry.num_slots,
+                                engine_healthy=False, engine_step_failures=async_engine.step_failures)
+            return async_engine.call("snapshot").result(10)
+        return take_snapshot(self.engine, registry, async_engine)
 
     def resolve_adapter_path(self, path: str) -> Path:
         """The real path of `path`, if it lies inside an allowed adapter root; else AdapterPathError."""

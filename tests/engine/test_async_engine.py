@@ -26,11 +26,19 @@ class Killed(BaseException):
     """Not an Exception: what a step's `except Exception` does not catch."""
 
 
+class XTokenizer:
+    """Every token decodes to "x"."""
+
+    def decode(self, ids, **kwargs) -> str:
+        return "x" * len(ids)
+
+
 class FakeEngine:
     """What AsyncEngine uses of an Engine. `fail` is raised by steps that have requests to run;
     `gate`, when set, holds every step until it opens."""
 
     def __init__(self):
+        self.tokenizer = XTokenizer()
         self.requests = {}
         self.fail: BaseException | None = None
         self.gate: threading.Event | None = None
@@ -163,3 +171,21 @@ def test_shutdown_is_not_a_failure(engines):
         with pytest.raises(EngineStoppedError, match="not running"):
             await last_output(engine, "late")
     asyncio.run(late())
+
+
+def test_outputs_cross_threads_once_per_step_for_every_request_together(engines):
+    fake, engine = engines
+    jobs = [(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=6)) for i in range(16)]
+
+    async def main():
+        batches = [batch async for batch in engine.submit(jobs)]
+        return batches
+
+    before = engine.handoffs
+    batches = asyncio.run(main())
+    outs = [out for batch in batches for out in batch]
+    assert len(outs) == 16 * 6 and all(out.text == "x" for out in outs)  # text made by the consumer
+    assert sum(out.finished for out in outs) == 16
+    # one hand-off per step that produced tokens (each carries all 16 requests), not per token
+    assert engine.handoffs - before <= 6 + 1
+    assert max(len(batch) for batch in batches) >= 16

@@ -244,3 +244,41 @@ def test_failed_step_fails_its_requests_and_engine_keeps_going(loaded, monkeypat
     finally:
         async_engine.shutdown()
     assert engine.allocator.num_free == engine.allocator.num_blocks - 1
+
+
+def test_submit_gives_the_engines_own_text_with_detokenization_off_the_engine_thread(loaded):
+    """Requests without stop strings are detokenized by AsyncEngine.submit's consumer, not the
+    engine: same tokens, text and finish reasons as the engine's own detokenization, when the
+    output ends by length, by a stop token (its text left out) and on a stop string (still
+    detokenized by the engine)."""
+    tok = loaded.tokenizer
+    prompts = [tok.encode(t) for t in ("hello world", "the end of", "abc")]
+    greedy = dict(max_tokens=10, temperature=0, ignore_eos=True)
+    probe = collect(Engine(loaded.model, tok, config=EngineConfig(kv_cache_tokens=512)),
+                    [Request("p", prompts[0], SamplingParams(**greedy))])
+    stop_token = tokens_of(probe["p"])[4]
+    params = [SamplingParams(**greedy), SamplingParams(max_tokens=10, temperature=0.8, seed=3, ignore_eos=True),
+              SamplingParams(**{**greedy, "max_tokens": 10}, stop_token_ids=[stop_token]),
+              SamplingParams(**greedy, stop=[text_of(probe["p"])[3:5] or "x"])]
+    jobs = [(f"r{i}-{j}", ids, p) for i, ids in enumerate(prompts) for j, p in enumerate(params)]
+    expected = collect(Engine(loaded.model, tok, config=EngineConfig(kv_cache_tokens=2048)),
+                       [Request(rid, ids, p) for rid, ids, p in jobs])
+    engine = Engine(loaded.model, tok, config=EngineConfig(kv_cache_tokens=2048))
+    async_engine = AsyncEngine(engine).start()
+
+    async def main():
+        got = {rid: [] for rid, _, _ in jobs}
+        async for batch in async_engine.submit(jobs):
+            for out in batch:
+                got[out.request_id].append(out)
+        return got
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        async_engine.shutdown()
+    assert any(o.finish_reason is FinishReason.STOP for outs in got.values() for o in outs if o.finished)
+    for rid, _, _ in jobs:
+        assert tokens_of(got[rid]) == tokens_of(expected[rid]), rid
+        assert text_of(got[rid]) == text_of(expected[rid]), rid
+        assert got[rid][-1].finish_reason is expected[rid][-1].finish_reason, rid

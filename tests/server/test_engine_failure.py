@@ -27,7 +27,7 @@ ENGINE_ERROR = r"internal error in the engine; see the server log \(request (cmp
 
 @pytest.fixture(scope="module")
 def demo():
-    with live_server(ServerConfig(device="cpu", admin_key=ADMIN)) as (url, state):
+    with live_server(ServerConfig(device="cpu", admin_key=ADMIN, engine_process=False)) as (url, state):
         yield url, state
 
 
@@ -129,7 +129,7 @@ class Killed(BaseException):
 
 
 def test_a_dead_engine_thread_ends_streams_with_an_error_and_ready_stays_503(caplog):
-    with live_server(ServerConfig(device="cpu")) as (url, state):
+    with live_server(ServerConfig(device="cpu", engine_process=False)) as (url, state):
         engine, real_step = state.engine, state.engine.step
         kill = threading.Event()
 
@@ -171,7 +171,7 @@ def test_failed_startup_shows_its_kind_not_its_text(tmp_path):
     from loraplex.server.app import create_app
 
     missing = tmp_path / "secret-models" / "llama"
-    state = ServerState(ServerConfig(model=str(missing), device="cpu"))
+    state = ServerState(ServerConfig(model=str(missing), device="cpu", engine_process=False))
     state._load_logged()
     with TestClient(create_app(state, start=False)) as client:
         ready = client.get("/ready")

@@ -60,8 +60,9 @@ def live_server(config: ServerConfig):
             thread.join(30)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["process", "thread"])
+def server(request, tmp_path_factory):
+    """The tiny model's server, with the engine in its own process and then on a thread."""
     root = tmp_path_factory.mktemp("server")
     make_model(root / "base", "llama")
     roots = root / "adapters"
@@ -70,7 +71,8 @@ def server(tmp_path_factory):
     config = ServerConfig(model=str(root / "base"), served_model_name="tiny", adapters={"all": str(paths["all"])},
                           dtype="fp32", device="cpu", kv_cache_tokens=2048, max_num_seqs=16, max_gpu_adapters=3,
                           max_host_adapters=4, adapter_roots=[str(roots)], api_keys=[API_KEY], admin_key=ADMIN_KEY,
-                          max_body_bytes=64 << 10, max_tokens_limit=64, max_n=4)
+                          max_body_bytes=64 << 10, max_tokens_limit=64, max_n=4,
+                          engine_process=request.param == "process")
     with live_server(config) as (url, state):
         oracle = load_model(root / "base", dtype=torch.float32, progress=False)
         yield {"url": url, "state": state, "paths": paths, "root": root, "oracle": oracle}
@@ -291,18 +293,24 @@ def test_unload_during_a_stream_drains_or_aborts(server):
         assert status_of(lambda: complete(server, "victim"))[0] == 404
 
 
+def engine_idle(state) -> bool:
+    """No request in the engine and every KV block free (read where the engine runs)."""
+    snap = state.snapshot()
+    return snap.running == 0 and snap.waiting == 0 and snap.kv_cache_usage == 0.0
+
+
 def test_client_disconnect_mid_stream_frees_the_request(server):
-    engine = server["state"].engine
-    free_before = engine.allocator.num_free
+    state = server["state"]
+    assert engine_idle(state)
     with httpx.stream("POST", server["url"] + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
                       json={"model": "all", "prompt": PROMPT, "max_tokens": 64, "stream": True, "ignore_eos": True},
                       timeout=60) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
     deadline = time.monotonic() + 10
-    while (engine.requests or engine.allocator.num_free != free_before) and time.monotonic() < deadline:
+    while not engine_idle(state) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not engine.requests and engine.allocator.num_free == free_before
+    assert engine_idle(state)
 
 
 # -- metrics -------------------------------------------------------------------------------------
