@@ -350,6 +350,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def role_env() -> dict:
+    """The roles' environment: the kernels the stand-in leaves are the references (no
+    interpreter: the warm-up's kernel sweep would only cost time)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return {**env, "LORAPLEX_KERNELS": "reference", "PYTHONUNBUFFERED": "1"}
+
+
 def role_args(args, role: str, **extra) -> list[str]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--step-ms", str(extra["step_ms"]),
             "--tokens", str(args.tokens), "--waves", str(args.waves), "--max-concurrency", str(args.max_concurrency),
@@ -393,7 +400,7 @@ def median_wave(waves: list[dict]) -> dict:
 
 def engine_alone(args, step_ms: float) -> dict[int, dict]:
     out = subprocess.run(role_args(args, "engine", step_ms=step_ms), capture_output=True, text=True,
-                         timeout=args.timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                         timeout=args.timeout, env=role_env())
     if out.returncode:
         raise RuntimeError(f"engine-alone run failed:\n{out.stderr[-3000:]}")
     waves: dict[int, list[dict]] = {}
@@ -428,7 +435,7 @@ def server_runs(args, step_ms: float) -> dict[tuple[str, int], dict]:
     port = free_port()
     log = open(args.out / f"server-{step_ms:g}ms.log", "w") if args.out else subprocess.DEVNULL
     proc = subprocess.Popen(role_args(args, "server", step_ms=step_ms, port=port), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, env=role_env())
     rows = {}
     try:
         wait_ready(port, proc, args.timeout)

@@ -65,6 +65,7 @@ def test_engine_flags_parse_check_and_reach_the_engine(monkeypatch):
     # the bundled demo on CPU: the values are in the engine's config (no graphs on CPU anyway)
     with runtime.reference_kernels():
         for config, graph_batch in ((c, 0), (ServerConfig(device="cpu", max_num_seqs=8), 256)):
+            config.engine_process = False  # to look inside the engine
             state = ServerState(config)
             state.start(background=False)
             try:
