@@ -23,6 +23,7 @@ engine process dies, every request waiting on it fails, calls raise EngineStoppe
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import itertools
@@ -125,7 +126,7 @@ class EngineServer:
             self.send_ctl(("failed", f"startup failed ({type(exc).__name__}); see the server log"))
             return
         self.registry = registry
-        engine.on_step = self.stats.append
+        engine.on_step = lambda stats: self.stats.append(stats)  # self.stats is swapped per message
         self.async_engine = AsyncEngine(engine).start()
         self.send_ctl(("ready", {"model_name": model_name, "max_model_len": engine.max_model_len,
                                  "capacity_tokens": engine.allocator.capacity_tokens,
@@ -215,6 +216,10 @@ class EngineServer:
 # ----------------------------------------------------------------------------------------
 
 
+class EngineStartupError(RuntimeError):
+    """The engine process could not start; the message is safe to show (/ready)."""
+
+
 class EngineClient:
     """What the server uses of the engine, when the engine runs in its own process: the same
     face as AsyncEngine (submit, running, health, step_failures, waiting, check_request,
@@ -231,6 +236,8 @@ class EngineClient:
         self.process.start()
         ctl_there.close()
         out_there.close()
+        # multiprocessing's own exit hook would SIGTERM (ignored there) and then wait forever
+        atexit.register(self.shutdown, 5.0)
         self.ctl_lock = threading.Lock()
         self.info: dict | None = None
         self.failed: str | None = None
@@ -263,11 +270,11 @@ class EngineClient:
         return self._health
 
     def wait_ready(self, timeout: float | None = None) -> dict:
-        """The engine's limits once it is up; raises RuntimeError if its startup failed."""
+        """The engine's limits once it is up; EngineStartupError if its startup failed."""
         if not self.ready.wait(timeout):
-            raise RuntimeError("the engine process did not start in time")
+            raise EngineStartupError("startup failed (the engine process did not start in time); see the server log")
         if self.failed:
-            raise RuntimeError(self.failed)
+            raise EngineStartupError(self.failed)
         return self.info
 
     def check_request(self, prompt_len: int, max_tokens: int, adapter: str | None) -> None:

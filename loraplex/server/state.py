@@ -147,8 +147,12 @@ class ServerState:
         try:
             self._load()
         except Exception as exc:
-            # /ready and 503s show this to anyone: the kind of failure, not its text (paths)
-            self.failed = f"startup failed ({type(exc).__name__}); see the server log"
+            from .engine_process import EngineStartupError
+
+            # /ready and 503s show this to anyone: the kind of failure, not its text (paths);
+            # the engine process's own failure says its kind already
+            self.failed = str(exc) if isinstance(exc, EngineStartupError) else \
+                f"startup failed ({type(exc).__name__}); see the server log"
             log.exception("startup failed; the server stays up, not ready")
 
     def _load(self) -> None:
@@ -174,7 +178,7 @@ class ServerState:
         from transformers import AutoTokenizer
 
         from ..kernels import runtime
-        from .engine_process import EngineClient, RegistryClient
+        from .engine_process import EngineClient, EngineStartupError, RegistryClient
 
         if self._loop is None:
             raise RuntimeError("the engine process needs the server's event loop: call start() from it")
@@ -184,7 +188,7 @@ class ServerState:
         self.async_engine = client
         try:
             info = client.wait_ready()
-        except RuntimeError:
+        except EngineStartupError:
             client.shutdown(5)
             raise
         self.registry = RegistryClient(client)
