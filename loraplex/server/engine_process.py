@@ -50,7 +50,7 @@ log = logging.getLogger("loraplex.server")
 # AdapterRegistry methods the API process may call (anything else is refused in the engine process).
 REGISTRY_CALLS = frozenset({"register", "unload", "merge", "export", "pin", "info", "list", "usage", "names",
                             "resident_and_waiting"})
-STATUS_EVERY_S = 0.05  # the engine process reports queue depth and health this often when they change
+STATUS_EVERY_S = 0.05  # the engine process reports a changed queue depth at most this often (health at once)
 
 
 # -- wire format: outputs as plain tuples (pickled per step; a dataclass costs more) ------------
@@ -155,7 +155,7 @@ class EngineServer:
         return len(e.engine.scheduler.waiting), e.health, e.step_failures, e.died
 
     def serve(self) -> None:
-        last_status, last_sent = None, 0.0
+        last_status, last_sent = (None, None, None, None), 0.0
         while True:
             try:
                 ready = self.ctl.poll(STATUS_EVERY_S)
@@ -168,10 +168,12 @@ class EngineServer:
                 if kind == "shutdown":
                     return
                 self.handle(message)
-            status = self.status()
-            if status != last_status or time.monotonic() - last_sent > 1.0:
+            # queue depth at most every STATUS_EVERY_S (outputs carry it too); health at once
+            status, now = self.status(), time.monotonic()
+            if (status[1:] != last_status[1:] or now - last_sent >= STATUS_EVERY_S and status != last_status
+                    or now - last_sent > 1.0):
                 self.send_ctl(("status", status))
-                last_status, last_sent = status, time.monotonic()
+                last_status, last_sent = status, now
             if self.async_engine.died:
                 return
 
@@ -426,7 +428,15 @@ class EngineClient:
             self._send(("shutdown",))
         except EngineStoppedError:
             pass
-        self.process.join(timeout)
+        # Read its last outputs meanwhile (the event loop, which reads them otherwise, is the
+        # caller here): an engine thread blocked on a full pipe would not stop.
+        deadline = time.monotonic() + timeout
+        while self.process.is_alive() and time.monotonic() < deadline:
+            try:
+                if self.out.poll(0.05):
+                    self._deliver(self.out.recv()[1])
+            except (EOFError, OSError):
+                self.process.join(max(0.0, deadline - time.monotonic()))
         if self.process.is_alive():
             log.warning("the engine process did not stop in %.0f s; killing it", timeout)
             self.process.kill()

@@ -108,7 +108,7 @@ def tokenize_prompts(state: ServerState, prompt) -> list[list[int]]:
         prompt = [prompt]
     given_ids = True  # token ids from the client are range-checked; the tokenizer's need not be
     if prompt and all(isinstance(p, str) for p in prompt):
-        prompts, given_ids = [state.tokenizer.encode(p) for p in prompt], False
+        prompts, given_ids = [state.encode(p) for p in prompt], False
     elif prompt and all(isinstance(p, int) for p in prompt):
         prompts = [list(prompt)]
     elif prompt and all(isinstance(p, list) for p in prompt):
@@ -348,7 +348,7 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
         log.exception("the chat template failed")  # a fault of the template or tokenizer: not for the client
         raise APIError(400, "the chat template cannot render these messages; see the server log",
                        param="messages") from None
-    return tok.encode(text, add_special_tokens=False)
+    return state.encode_template(text)
 
 
 @router.post("/v1/chat/completions")

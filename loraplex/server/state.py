@@ -25,6 +25,7 @@ from ..adapters.registry import AdapterRegistry, RegistryConfig
 from ..demo import ADAPTERS_DIR, MODEL_DIR, adapter_paths
 from ..engine.async_engine import AsyncEngine
 from ..engine.engine import Engine, EngineConfig
+from ..engine.fast_tokenizer import encoder
 from ..model.loader import load_model
 from .config import ServerConfig
 from .metrics import ServerMetrics, Snapshot
@@ -114,6 +115,7 @@ class ServerState:
         self.async_engine: AsyncEngine | None = None
         self.registry: AdapterRegistry | None = None
         self.tokenizer = None
+        self.encode = self.encode_template = None  # text -> ids, set with the tokenizer
         self.max_model_len = 0
         self.vocab_size = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -165,7 +167,8 @@ class ServerState:
         else:
             tokenizer, registry, engine, _ = build_engine(self.config, self.metrics.on_adapter_event)
             engine.on_step = self.metrics.observe_step
-            self.tokenizer, self.registry, self.engine = tokenizer, registry, engine
+            self.registry, self.engine = registry, engine
+            self._set_tokenizer(tokenizer)
             self.max_model_len, self.vocab_size = engine.max_model_len, engine.model.config.vocab_size
             self.async_engine = AsyncEngine(engine).start()
         if self.draining:  # SIGTERM while loading
@@ -173,6 +176,11 @@ class ServerState:
         self.ready.set()
         log.info("ready: %s with %d adapters in %.1f s", self.model_name, len(self.config.adapters),
                  time.monotonic() - started)
+
+    def _set_tokenizer(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.encode = encoder(tokenizer)                                     # prompts
+        self.encode_template = encoder(tokenizer, add_special_tokens=False)  # rendered chat templates
 
     def _load_process(self, model_dir: Path) -> None:
         from transformers import AutoTokenizer
@@ -182,7 +190,7 @@ class ServerState:
 
         if self._loop is None:
             raise RuntimeError("the engine process needs the server's event loop: call start() from it")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)  # here too: prompts in, text out
+        self._set_tokenizer(AutoTokenizer.from_pretrained(model_dir))  # here too: prompts in, text out
         client = EngineClient(self.config, self.metrics, self._loop, reference_kernels=runtime.references_forced())
         client.tokenizer = self.tokenizer
         self.async_engine = client

@@ -84,7 +84,7 @@ def test_help_documents_every_flag():
                  "--max-gpu-adapters", "--max-host-adapters", "--max-rank", "--adapter-root", "--api-key",
                  "--admin-key", "--allow-unauthenticated-admin", "--cors-origin", "--log-level", "--max-body-bytes",
                  "--max-tokens-limit", "--max-n", "--max-queue", "--shutdown-timeout", "--max-num-batched-tokens",
-                 "--enforce-eager"):
+                 "--enforce-eager", "--engine-in-process"):
         assert flag in text, flag
     assert "LORAPLEX_MAX_GPU_ADAPTERS" in text and "SIGTERM" in text
     assert "LORAPLEX_ENFORCE_EAGER=1" in text and "LORAPLEX_MAX_NUM_BATCHED_TOKENS" in text
