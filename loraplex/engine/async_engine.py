@@ -337,11 +337,16 @@ class AsyncEngine:
         """Submit requests whose outputs go to `sink` as (request id, output or exception), for
         a caller outside this process (engine_process.py); abort them with `post`. If the
         engine has stopped this does nothing: that caller learns it from `died` / `running`."""
-        def post_for(request_id):
-            return lambda item: self._outbox.append((sink, (request_id, item)))
+        def post_for(req):
+            def post(item):  # on the engine thread; its last output ends what waits on the thread
+                if isinstance(item, Exception) or item.finished:
+                    with self._lock:
+                        self._requests.discard(req)
+                self._outbox.append((sink, (req.request_id, item)))
+            return post
         try:
             for req in reqs:
-                req.on_output = post_for(req.request_id)
+                req.on_output = post_for(req)
                 self._enlist(self._requests, req)
         except EngineStoppedError:
             return
@@ -355,9 +360,6 @@ class AsyncEngine:
                 self.engine.add_request(req)
             except Exception as exc:
                 req.on_output(exc)
-                with self._lock:
-                    for r in reqs:
-                        self._requests.discard(r)
                 return
 
     def post(self, command: Callable[[], None]) -> None:

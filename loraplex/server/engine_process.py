@@ -244,7 +244,7 @@ class EngineClient:
         self.info: dict | None = None
         self.failed: str | None = None
         self.ready = threading.Event()
-        self.stopped = False                 # shutdown() was called, or the process ended
+        self.stopped = False                 # shutdown() was called
         self.waiting = 0
         self._health: str | None = None
         self.step_failures = 0
@@ -400,9 +400,12 @@ class EngineClient:
         except (EOFError, OSError):
             pass
         if not self.ready.is_set():
-            self.failed = self.failed or "the engine process exited during startup; see the server log"
+            self.failed = self.failed or "startup failed (the engine process exited); see the server log"
             self.ready.set()
-        self.loop.call_soon_threadsafe(self._ended)
+        try:
+            self.loop.call_soon_threadsafe(self._ended)
+        except RuntimeError:  # the event loop is closed (the server has exited)
+            pass
 
     def call(self, method: str, *args, **kwargs) -> concurrent.futures.Future:
         """Run a registry method (or "snapshot") in the engine process; its Future."""
