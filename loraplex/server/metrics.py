@@ -29,7 +29,7 @@ Counters
 Read from `Snapshot` at scrape time
     loraplex_requests_running, loraplex_requests_waiting, loraplex_kv_cache_usage_ratio (0..1),
     loraplex_adapters{tier="gpu"|"host"|"disk"}, loraplex_gpu_adapter_slots,
-    loraplex_engine_healthy (1; 0 once the engine thread died or the last
+    loraplex_engine_healthy (1; 0 once the engine process or thread died or the last
     UNHEALTHY_AFTER_FAILED_STEPS steps all failed, as /ready reports), and one counter,
     loraplex_engine_step_failures_total (engine steps that raised; their requests failed)
 vLLM-named gauges, for the Gateway API Inference Extension's endpoint picker (queue depth, KV

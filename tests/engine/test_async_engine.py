@@ -16,7 +16,7 @@ import time
 import pytest
 
 from loraplex.engine.async_engine import UNHEALTHY_AFTER_FAILED_STEPS, AsyncEngine, EngineStoppedError
-from loraplex.engine.request import FinishReason, RequestOutput
+from loraplex.engine.request import FinishReason, Request, RequestOutput
 from loraplex.engine.sampling import SamplingParams
 
 SECRET = "/srv/models/secret/kernel.cubin"
@@ -189,3 +189,21 @@ def test_outputs_cross_threads_once_per_step_for_every_request_together(engines)
     # one hand-off per step that produced tokens (each carries all 16 requests), not per token
     assert engine.handoffs - before <= 6 + 1
     assert max(len(batch) for batch in batches) >= 16
+
+
+def test_requests_added_for_another_process_go_to_its_sink_and_are_forgotten_when_done(engines):
+    """AsyncEngine.add (the engine process's side): outputs reach the sink once per hand-off as
+    (request id, output), and a finished request no longer waits on the thread."""
+    fake, engine = engines
+    got, done = [], threading.Event()
+
+    def sink(entries):  # on the engine thread
+        got.append(entries)
+        if sum(out.finished for batch in got for _, out in batch) == 8:
+            done.set()
+    engine.add([Request(f"r{i}", [1, 2], SamplingParams(max_tokens=3)) for i in range(8)], sink)
+    assert done.wait(10)
+    outs = [out for batch in got for _, out in batch]
+    assert len(outs) == 8 * 3 and {rid for batch in got for rid, _ in batch} == {f"r{i}" for i in range(8)}
+    assert max(len(batch) for batch in got) == 8  # every request of a step in one hand-off
+    assert not engine._requests
