@@ -5,32 +5,38 @@ The stand-in (`install_stand_in`) replaces `CausalLM.forward`: it returns prebui
 once (every row one-hot on a printable token, rotating per step, so detokenization does real
 work), after a GIL-free `time.sleep(step_ms)` when `--step-ms` > 0, which stands for a GPU
 step (the host waits for the device with the GIL released). Everything else is the real
-code: the scheduler, the runner's tensors, sampling, detokenization, the engine thread, the
-app and uvicorn, started by `loraplex serve`'s own entry point in a subprocess.
+code: the scheduler, the runner's tensors, sampling, detokenization, the engine process (the
+stand-in is installed there too: multiprocessing imports this script in it), the app and
+uvicorn, started by `loraplex serve`'s own entry point in a subprocess. The demo model, on
+the reference kernels, with OMP_NUM_THREADS=1 in both roles (`role_env`).
 
 In one run, for each stand-in cost:
-1. engine alone  a subprocess builds the server's engine from the same flags (ServerState)
-                 and runs waves of C requests (the clients' prompt, T tokens each, greedy,
-                 ignore_eos) with `Engine.step()` until done: tokens / wall time, host time
-                 per step (wall / steps - step_ms)
+1. engine alone  a subprocess builds the server's engine from the same flags (ServerState,
+                 engine in-process) and runs --engine-waves waves of C requests (the clients'
+                 prompt, T tokens each, greedy, ignore_eos, not detokenized: in the server the
+                 API side makes their text) with `Engine.step()` until done: tokens / wall
+                 time of the median wave, host time per step (wall / steps - step_ms)
 2. server        `loraplex serve` in a subprocess; --clients client processes (raw HTTP/1.1 on
                  asyncio, no HTTP library: the cheapest client Python has) open C keep-alive
                  connections and send one /v1/completions request each per wave, all at once,
-                 streaming and not: generated tokens / (last response end - first request
-                 sent); TTFT (request sent -> first token event) and inter-token gap (between
-                 token events as they arrive) p50 / p99 for streams; every response is checked
-                 to carry T tokens (usage) or the wave fails.
-The client processes' CPU time over the wave is printed: a client near a whole core may be
-the limit (then raise --clients). The server's CPU (process user + system time) too.
+                 streaming and not, --waves waves: generated tokens / (last response end -
+                 first request sent) of the median wave; TTFT (request sent -> first token
+                 event) and inter-token gap (between token events as they arrive) p50 / p99
+                 for streams; every response is checked to carry T tokens (usage, and T token
+                 events when streaming) or the run fails.
+The client processes' CPU time over the wave is printed (a client near a whole core may be
+the limit: then raise --clients), and the server's (its processes' user + system time).
 
 Targets (zero-cost stand-in, C = 128): server / engine alone >= 0.5 streaming, >= 0.6 not
 streaming. With a few-ms step: server >= 0.8x the step-bound rate (C tokens per step /
-step_ms); inter-token p99 <= 2 x step_ms + the engine's own host time per step.
+step_ms: the "bound" column; "ratio" is against the engine alone with the same stand-in, whose
+own host time per step counts too); inter-token p99 <= 2 x step_ms + the engine's own host
+time per step.
 
 Run:
-    python bench/serve.py                          # full: C = 64,128, step 0 and 4 ms, T = 64, 3 waves
+    python bench/serve.py                          # full: C = 64,128, step 0 and 4 ms, T = 64
     python bench/serve.py --smoke                  # CI: C = 8, T = 8, 1 wave, step 0 (plumbing only)
-    python bench/serve.py --step-ms 0 --concurrency 128 --modes stream
+    python bench/serve.py --step-ms 4 --concurrency 128 --modes stream --out bench/out/serve
 """
 
 from __future__ import annotations
@@ -148,7 +154,7 @@ def role_engine(args) -> int:
     engine = state.engine
     prompt = state.tokenizer.encode(PROMPT)
     for c in args.concurrency:
-        for wave in range(args.waves):
+        for wave in range(args.engine_waves):
             params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
             started = time.monotonic()
             for i in range(c):
@@ -362,7 +368,8 @@ def role_env() -> dict:
 
 def role_args(args, role: str, **extra) -> list[str]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--step-ms", str(extra["step_ms"]),
-            "--tokens", str(args.tokens), "--waves", str(args.waves), "--max-concurrency", str(args.max_concurrency),
+            "--tokens", str(args.tokens), "--engine-waves", str(args.engine_waves),
+            "--max-concurrency", str(args.max_concurrency),
             "--concurrency", ",".join(map(str, args.concurrency))]
     if "port" in extra:
         argv += ["--port", str(extra["port"])]
@@ -485,7 +492,9 @@ def main(argv=None) -> int:
     p.add_argument("--step-ms", type=floats, default=[0.0, 4.0], help="stand-in step costs in ms (default 0,4)")
     p.add_argument("--modes", type=lambda s: s.split(","), default=["stream", "nonstream"])
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per request (default 64)")
-    p.add_argument("--waves", type=int, default=3, help="waves per point; the median is reported (default 3)")
+    p.add_argument("--waves", type=int, default=5, help="server waves per point; the median is reported (default 5)")
+    p.add_argument("--engine-waves", type=int, default=15, help="engine-alone waves per point (a wave there "
+                   "takes tens of ms: more of them for a steady median; default 15)")
     p.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any one part may take")
     p.add_argument("--out", type=Path, default=None, help="directory for server logs and results.json")
@@ -496,7 +505,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-concurrency", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.concurrency, args.step_ms, args.tokens, args.waves = [8], [0.0], 8, 1
+        args.concurrency, args.step_ms, args.tokens, args.waves, args.engine_waves = [8], [0.0], 8, 1, 1
     if args.role:
         args.step_ms = args.step_ms[0]
         return role_server(args) if args.role == "server" else role_engine(args)
@@ -524,7 +533,8 @@ def main(argv=None) -> int:
         (args.out / "results.json").write_text(json.dumps(record, indent=1))
 
     print(f"\nbench/serve.py: demo model, stand-in forward, {args.tokens} tokens per request, "
-          f"{args.clients} client processes, median of {args.waves} waves, {os.cpu_count()} CPUs")
+          f"{args.clients} client processes, median of {args.waves} server / {args.engine_waves} engine-alone waves, "
+          f"{os.cpu_count()} CPUs")
     head = (f"{'step':>5} {'mode':>9} {'C':>4} {'server tok/s':>12} {'engine tok/s':>12} {'ratio':>6} "
             f"{'bound':>7} {'TTFT p50/p99 ms':>16} {'ITL p50/p99 ms':>15} {'client cpu':>10} {'server cpu':>10}")
     print(head)
