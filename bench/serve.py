@@ -164,7 +164,8 @@ def role_engine(args) -> int:
             while engine.has_work():
                 steps += engine.step() > 0
             wall = time.monotonic() - started
-            print(json.dumps({"concurrency": c, "tokens": c * args.tokens, "wall": wall, "steps": steps}), flush=True)
+            wave_result = {"concurrency": c, "tokens": c * args.tokens, "wall": wall, "steps": steps}
+            print(json.dumps(wave_result), flush=True)
     state.shutdown()
     return 0
 
@@ -386,7 +387,8 @@ def cpu_seconds(pid: int) -> float:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        parents[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        parents[int(stat.parent.name)] = (int(fields[1]), seconds)
     for p, (ppid, seconds) in parents.items():
         q = p
         while q in parents and q != pid:
@@ -444,8 +446,8 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float) -> None:
 def server_runs(args, step_ms: float) -> dict[tuple[str, int], dict]:
     port = free_port()
     log = open(args.out / f"server-{step_ms:g}ms.log", "w") if args.out else subprocess.DEVNULL
-    proc = subprocess.Popen(role_args(args, "server", step_ms=step_ms, port=port), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=role_env())
+    proc = subprocess.Popen(role_args(args, "server", step_ms=step_ms, port=port), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, env=role_env())
     rows = {}
     try:
         wait_ready(port, proc, args.timeout)
@@ -462,8 +464,8 @@ def server_runs(args, step_ms: float) -> dict[tuple[str, int], dict]:
                         bad = [r for r in results if r.error or r.tokens != args.tokens
                                or (stream and r.events != args.tokens)]
                         if bad:
-                            raise RuntimeError(f"{len(bad)} of {len(results)} responses wrong, e.g. "
-                                               f"{bad[0].error or f'{bad[0].tokens} tokens, {bad[0].events} events'}")
+                            example = bad[0].error or f"{bad[0].tokens} tokens, {bad[0].events} events"
+                            raise RuntimeError(f"{len(bad)} of {len(results)} responses wrong, e.g. {example}")
                         wall = max(r.end for r in results) - min(r.sent for r in results)
                         waves.append({"wall": wall, "results": results, "client_cpu": max(client_cpu) / wall,
                                       "server_cpu": server_cpu / wall})
@@ -489,16 +491,19 @@ def main(argv=None) -> int:
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     floats = lambda s: [float(v) for v in s.split(",") if v]  # noqa: E731
     p.add_argument("--concurrency", type=ints, default=[64, 128], help="concurrent requests (default 64,128)")
-    p.add_argument("--step-ms", type=floats, default=[0.0, 4.0], help="stand-in step costs in ms (default 0,4)")
+    p.add_argument("--step-ms", type=floats, default=[0.0, 4.0],
+                   help="stand-in step costs in ms (default 0,4)")
     p.add_argument("--modes", type=lambda s: s.split(","), default=["stream", "nonstream"])
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per request (default 64)")
-    p.add_argument("--waves", type=int, default=5, help="server waves per point; the median is reported (default 5)")
+    p.add_argument("--waves", type=int, default=5,
+                   help="server waves per point; the median is reported (default 5)")
     p.add_argument("--engine-waves", type=int, default=15, help="engine-alone waves per point (a wave there "
                    "takes tens of ms: more of them for a steady median; default 15)")
     p.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any one part may take")
     p.add_argument("--out", type=Path, default=None, help="directory for server logs and results.json")
-    p.add_argument("--serve-arg", action="append", default=[], help="extra `loraplex serve` flag (repeatable)")
+    p.add_argument("--serve-arg", action="append", default=[],
+                   help="extra `loraplex serve` flag (repeatable)")
     p.add_argument("--smoke", action="store_true", help="CI: C = 8, T = 8, one wave, step 0 ms")
     p.add_argument("--role", choices=["server", "engine"], help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -533,10 +538,11 @@ def main(argv=None) -> int:
         (args.out / "results.json").write_text(json.dumps(record, indent=1))
 
     print(f"\nbench/serve.py: demo model, stand-in forward, {args.tokens} tokens per request, "
-          f"{args.clients} client processes, median of {args.waves} server / {args.engine_waves} engine-alone waves, "
-          f"{os.cpu_count()} CPUs")
+          f"{args.clients} client processes, median of {args.waves} server / {args.engine_waves} "
+          f"engine-alone waves, {os.cpu_count()} CPUs")
     head = (f"{'step':>5} {'mode':>9} {'C':>4} {'server tok/s':>12} {'engine tok/s':>12} {'ratio':>6} "
-            f"{'bound':>7} {'TTFT p50/p99 ms':>16} {'ITL p50/p99 ms':>15} {'client cpu':>10} {'server cpu':>10}")
+            f"{'bound':>7} {'TTFT p50/p99 ms':>16} {'ITL p50/p99 ms':>15} {'client cpu':>10} "
+            f"{'server cpu':>10}")
     print(head)
     for r in record:
         bound = "-" if r["step_bound_tok_s"] is None else f"{r['server_tok_s'] / r['step_bound_tok_s']:.2f}x"
@@ -561,7 +567,8 @@ def targets(record: list[dict]) -> str:
                        f"{'PASS' if r['ratio'] >= need else 'FAIL'}")
         if ms > 0 and c == 128:
             got = r["server_tok_s"] / r["step_bound_tok_s"]
-            out.append(f"  {mode} C=128 {ms:g}ms: server / step bound {got:.2f} >= 0.8: {'PASS' if got >= 0.8 else 'FAIL'}")
+            verdict = "PASS" if got >= 0.8 else "FAIL"
+            out.append(f"  {mode} C=128 {ms:g}ms: server / step bound {got:.2f} >= 0.8: {verdict}")
             if mode == "stream":
                 ok = r["itl_p99_ms"] <= r["itl_target_ms"]
                 out.append(f"  stream C=128 {ms:g}ms: ITL p99 {r['itl_p99_ms']:.1f} ms <= 2 x {ms:g} + "

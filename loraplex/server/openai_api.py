@@ -24,9 +24,9 @@ from ..engine.async_engine import EngineStoppedError, internal_error
 from ..engine.engine import RequestError
 from ..engine.request import FinishReason, RequestOutput
 from ..engine.sampling import SamplingParams
+from . import sse
 from .auth import is_admin, require_api_key
 from .errors import APIError, error_body
-from . import sse
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .state import ServerState
 

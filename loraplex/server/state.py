@@ -171,7 +171,8 @@ class ServerState:
             self._set_tokenizer(tokenizer)
             self.max_model_len, self.vocab_size = engine.max_model_len, engine.model.config.vocab_size
             self.async_engine = AsyncEngine(engine).start()
-        if self.draining:  # SIGTERM while loading
+        if self.draining:  # shut down while loading: stop what was just started, never turn ready
+            self.async_engine.shutdown()
             return
         self.ready.set()
         log.info("ready: %s with %d adapters in %.1f s", self.model_name, len(self.config.adapters),
