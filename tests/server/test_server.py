@@ -153,6 +153,19 @@ def test_streaming_equals_non_streaming_and_reports_usage(server):
     assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].choices == []
 
 
+def test_stop_strings_end_the_text_streaming_or_not(server):
+    """Stop strings are matched in the engine (their text is made there); the rest in the API
+    process: both end at the same place, streamed or not."""
+    text = expected(server, "all")[1]
+    stop = text[3:5]
+    assert stop, text
+    want = text[:text.find(stop)]
+    out = complete(server, "all", stop=[stop])
+    assert out.choices[0].text == want and out.choices[0].finish_reason == "stop"
+    chunks = [c for c in complete(server, "all", stop=[stop], stream=True) if c.choices]
+    assert "".join(c.choices[0].text for c in chunks) == want and chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_chat_uses_the_template_and_streams(server):
     c = client(server)
     messages = [{"role": "user", "content": "hello world"}]
