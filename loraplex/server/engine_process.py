@@ -229,6 +229,7 @@ class EngineClient:
 
     def __init__(self, config: ServerConfig, metrics, loop: asyncio.AbstractEventLoop, reference_kernels: bool):
         self.metrics, self.loop = metrics, loop
+        self.tokenizer = None  # set by ServerState: the text of outputs is made on this side
         ctx = mp.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
         ctl_here, ctl_there = ctx.Pipe()
         out_here, out_there = ctx.Pipe(duplex=False)
@@ -301,18 +302,19 @@ class EngineClient:
         stream = OutputStream(self.loop)
         for request_id, _, _ in jobs:
             self._streams[request_id] = stream
-        self._send(("add", adapter, [(r, list(p), params) for r, p, params in jobs]))
         unfinished = {request_id for request_id, _, _ in jobs}
         try:
+            self._send(("add", adapter, [(r, list(p), params) for r, p, params in jobs]))
             async for batch in consume(stream, jobs, unfinished, self.tokenizer):
                 yield batch
         finally:
             for request_id, _, _ in jobs:
                 self._streams.pop(request_id, None)
             if unfinished and self.running:
-                self._send(("abort", list(unfinished)))
-
-    tokenizer = None  # set by ServerState: the text of outputs is made here
+                try:
+                    self._send(("abort", list(unfinished)))
+                except EngineStoppedError:  # it stopped meanwhile: nothing left to abort
+                    pass
 
     def _read_out(self) -> None:
         """On the event loop: every out message waiting, each one engine hand-off."""
