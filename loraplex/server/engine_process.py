@@ -70,7 +70,8 @@ def unpack(t: tuple) -> RequestOutput:
 
 
 def portable(exc: BaseException) -> BaseException:
-    """`exc` if it survives pickling, else a RuntimeError with its text (logged here)."""
+    """`exc` if it survives pickling, else a RuntimeError with its type and text (for the log: the
+    API side shows clients only what it shows for any unexpected error)."""
     import pickle
 
     try:
