@@ -60,7 +60,7 @@ def internal_error(what: str, request_id: str) -> str:
 
 class OutputStream:
     """Outputs of the requests submitted together, as the engine thread hands them over.
-    Filled on its event loop only (`AsyncEngine._deliver`); read by one consumer."""
+    Filled on its event loop only (`deliver`); read by one consumer."""
 
     __slots__ = ("items", "loop", "waiter")
 
@@ -81,7 +81,13 @@ class OutputStream:
         return items
 
 
-def _deliver(batch: list[tuple[OutputStream, RequestOutput | Exception]]) -> None:
+def engine_detokenizes(params: SamplingParams) -> bool:
+    """Whether the engine makes a request's text: only with stop strings, which must end
+    generation at the token that completes them; the consumer makes every other text."""
+    return bool(params.stop)
+
+
+def deliver(batch: list[tuple[OutputStream, RequestOutput | Exception]]) -> None:
     """On the event loop: one engine hand-off, into each stream; each waiting consumer is woken once."""
     for stream, item in batch:
         stream.items.append(item)
@@ -96,7 +102,7 @@ async def consume(stream: OutputStream, jobs: Sequence[tuple[str, list[int], Sam
     """The batches of `stream` until every request in `unfinished` (emptied as they finish) has
     had its last output; the text of requests without stop strings is made here."""
     texts = {request_id: IncrementalDetokenizer(tokenizer, prompt_ids)
-             for request_id, prompt_ids, params in jobs if not params.stop}
+             for request_id, prompt_ids, params in jobs if not engine_detokenizes(params)}
     while unfinished:
         batch = []
         for out in await stream.take():
@@ -256,7 +262,7 @@ class AsyncEngine:
         for target, entries in groups.items():
             try:
                 if isinstance(target, asyncio.AbstractEventLoop):
-                    target.call_soon_threadsafe(_deliver, entries)
+                    target.call_soon_threadsafe(deliver, entries)
                 else:
                     target(entries)
                 self.handoffs += 1
@@ -316,7 +322,7 @@ class AsyncEngine:
         reqs = []
         for request_id, prompt_ids, params in jobs:
             req = Request(request_id, list(prompt_ids), params, adapter, on_output=post)
-            req.detokenize = bool(params.stop)  # without stop strings the text is made by the consumer
+            req.detokenize = engine_detokenizes(params)
             reqs.append(req)
         for req in reqs:
             self._enlist(self._requests, req)

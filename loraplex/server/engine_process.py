@@ -36,10 +36,10 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
-from typing import Any, AsyncIterator, Sequence
+from typing import AsyncIterator, Sequence
 
 from ..engine.adapters import UnknownAdapterError
-from ..engine.async_engine import AsyncEngine, EngineStoppedError, OutputStream, consume
+from ..engine.async_engine import AsyncEngine, EngineStoppedError, OutputStream, consume, deliver, engine_detokenizes
 from ..engine.engine import check_limits
 from ..engine.request import FinishReason, Request, RequestOutput
 from ..engine.sampling import SamplingParams
@@ -185,7 +185,7 @@ class EngineServer:
             reqs = []
             for request_id, prompt_ids, params in jobs:
                 req = Request(request_id, prompt_ids, params, adapter)
-                req.detokenize = bool(params.stop)  # the API process makes the text of the others
+                req.detokenize = engine_detokenizes(params)  # the API process makes the others' text
                 reqs.append(req)
             self.async_engine.add(reqs, self.send_outputs)
         elif kind == "abort":
@@ -255,7 +255,6 @@ class EngineClient:
         self._streams: dict[str, OutputStream] = {}
         self._calls: dict[int, concurrent.futures.Future] = {}
         self._ids = itertools.count()
-        self.handoffs = 0
         self._ended_already = False
         self._reader = threading.Thread(target=self._read_ctl, name="loraplex-engine-ctl", daemon=True)
         self._reader.start()
@@ -285,9 +284,6 @@ class EngineClient:
         check_limits(prompt_len, max_tokens, self.info["max_model_len"], self.info["capacity_tokens"])
         if adapter is not None and adapter not in self.names:
             raise UnknownAdapterError(adapter)
-
-    def has(self, name: str) -> bool:
-        return name in self.names
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -325,24 +321,19 @@ class EngineClient:
                 self._deliver(items)
                 for s in stats:
                     self.metrics.observe_step(s)
-                self.waiting, self._health, self.step_failures, self.died = status
+                self._set_status(status)
         except (EOFError, OSError):
             self.loop.remove_reader(self.out.fileno())
             self._ended()
 
+    def _set_status(self, status: tuple) -> None:
+        """EngineServer.status() as last sent (with outputs, or on its own)."""
+        self.waiting, self._health, self.step_failures, self.died = status
+
     def _deliver(self, items: list) -> None:
-        self.handoffs += 1
-        woken = []
-        for request_id, item in items:
-            stream = self._streams.get(request_id)
-            if stream is None:  # its consumer left already
-                continue
-            stream.items.append(unpack(item) if isinstance(item, tuple) else item)
-            woken.append(stream)
-        for stream in woken:
-            waiter = stream.waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+        """Outputs by request id into their streams; those whose consumer left are dropped."""
+        deliver([(self._streams[request_id], unpack(item) if isinstance(item, tuple) else item)
+                 for request_id, item in items if request_id in self._streams])
 
     def _ended(self) -> None:
         """The engine process is gone (or stopping): fail what still waits. (Both readers call
@@ -390,7 +381,7 @@ class EngineClient:
                 elif kind == "event":
                     self.metrics.on_adapter_event(*message[1:])
                 elif kind == "status":
-                    self.waiting, self._health, self.step_failures, self.died = message[1]
+                    self._set_status(message[1])
                 elif kind == "ready":
                     self.info = message[1]
                     self.names = set(self.info["names"])
@@ -450,45 +441,22 @@ class EngineClient:
 
 
 class RegistryClient:
-    """The registry calls the server makes, run in the engine process (blocking: call them off
-    the event loop, as the admin routes do). Exceptions come back as raised there."""
+    """The registry calls the server makes (REGISTRY_CALLS), run in the engine process
+    (blocking: call them off the event loop, as the admin routes do). Exceptions come back as
+    raised there."""
 
     def __init__(self, client: EngineClient):
         self.client = client
         self.num_slots = client.info["num_slots"]
 
-    def _call(self, method: str, *args, **kwargs) -> Any:
-        return self.client.call(method, *args, **kwargs).result()
+    def __getattr__(self, method: str):
+        if method not in REGISTRY_CALLS:
+            raise AttributeError(f"the registry has no call {method!r} across the process boundary")
+        return lambda *args, **kwargs: self.client.call(method, *args, **kwargs).result()
 
     def has(self, name: str) -> bool:
-        return self.client.has(name)
-
-    def register(self, *args, **kwargs):
-        return self._call("register", *args, **kwargs)
-
-    def unload(self, *args, **kwargs):
-        return self._call("unload", *args, **kwargs)
-
-    def merge(self, *args, **kwargs):
-        return self._call("merge", *args, **kwargs)
-
-    def export(self, *args, **kwargs):
-        return self._call("export", *args, **kwargs)
-
-    def pin(self, *args, **kwargs):
-        return self._call("pin", *args, **kwargs)
-
-    def info(self, *args, **kwargs):
-        return self._call("info", *args, **kwargs)
-
-    def list(self):
-        return self._call("list")
-
-    def usage(self):
-        return self._call("usage")
-
-    def resident_and_waiting(self):
-        return self._call("resident_and_waiting")
+        """From the names the engine process sends with every call's reply (no call)."""
+        return name in self.client.names
 
     def close(self) -> None:
         pass  # the engine process closes its registry when it stops

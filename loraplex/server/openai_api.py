@@ -234,24 +234,23 @@ def stream_response(state: ServerState, jobs: list[Job], adapter: str | None, mo
     of one engine hand-off go out in one write."""
     async def events():
         if first:
-            yield b"".join(sse.event(chunk) for chunk in first)
+            yield "".join(sse.event(chunk) for chunk in first).encode()
         try:
             async for pairs in run_jobs(state, jobs, adapter, model, arrival):
                 parts = []
                 for job, out in pairs:
                     if out.finished and out.finish_reason is FinishReason.ERROR:
-                        error = error_body(500, out.error or "the engine failed on this request")
-                        parts.append(f"data: {sse.dumps(error)}\n\n")
+                        parts.append(sse.event(error_body(500, out.error or "the engine failed on this request")))
                         continue
                     parts += chunks(job, out)
                 if parts:
                     yield "".join(parts).encode()
             if usage_chunk is not None:
-                yield sse.event(usage_chunk())
+                yield sse.event(usage_chunk()).encode()
         except Exception as exc:
             err = as_api_error(exc, jobs[0].request_id)
             state.metrics.observe_error(err.status)
-            yield sse.event(error_body(err.status, err.message, err.param, err.code))
+            yield sse.event(error_body(err.status, err.message, err.param, err.code)).encode()
         yield sse.DONE
 
     return StreamingResponse(events(), media_type="text/event-stream")

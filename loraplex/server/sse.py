@@ -19,9 +19,9 @@ def dumps(data) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-def event(data) -> bytes:
-    """One SSE event for any JSON-able value."""
-    return f"data: {dumps(data)}\n\n".encode()
+def event(data) -> str:
+    """One SSE event for any JSON-able value (join several, then encode once)."""
+    return f"data: {dumps(data)}\n\n"
 
 
 class ChunkEncoder:

@@ -87,6 +87,12 @@ def take_snapshot(engine: Engine, registry: AdapterRegistry, async_engine: Async
                     engine_step_failures=async_engine.step_failures)
 
 
+def idle_snapshot(slots: int, healthy: bool = True, step_failures: int = 0) -> Snapshot:
+    """The gauges while no engine answers (loading, or its process is gone): nothing running."""
+    return Snapshot(0, 0, 0.0, {"gpu": 0, "host": 0, "disk": 0}, [], [], slots, engine_healthy=healthy,
+                    engine_step_failures=step_failures)
+
+
 def eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
     """EOS ids from generation_config.json (Llama 3 lists several, e.g. <|eot_id|>) and the tokenizer."""
     from transformers import GenerationConfig
@@ -215,11 +221,10 @@ class ServerState:
     def snapshot(self) -> Snapshot:
         registry, async_engine = self.registry, self.async_engine
         if registry is None or async_engine is None or not self.ready.is_set():
-            return Snapshot(0, 0, 0.0, {"gpu": 0, "host": 0, "disk": 0}, [], [], self.config.max_gpu_adapters)
+            return idle_snapshot(self.config.max_gpu_adapters)
         if self.engine is None:  # the engine's own process reads it
             if not async_engine.running:
-                return Snapshot(0, 0, 0.0, {"gpu": 0, "host": 0, "disk": 0}, [], [], registry.num_slots,
-                                engine_healthy=False, engine_step_failures=async_engine.step_failures)
+                return idle_snapshot(registry.num_slots, healthy=False, step_failures=async_engine.step_failures)
             return async_engine.call("snapshot").result(10)
         return take_snapshot(self.engine, registry, async_engine)
 

@@ -28,4 +28,4 @@ def test_chat_content_chunks_are_json_dumps_byte_for_byte(text):
     base = {**BASE, "object": "chat.completion.chunk", "model": 'we"ird\u00e9'}
     chunk = {**base, "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}]}
     assert sse.ChunkEncoder(base).content(0, text) == dumps(chunk)
-    assert sse.event(chunk) == dumps(chunk).encode()
+    assert sse.event(chunk) == dumps(chunk)
