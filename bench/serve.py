@@ -119,21 +119,10 @@ def serve_flags(args, port: int) -> list[str]:
 
 
 def role_server(args) -> int:
-    if os.environ.get("SI"):
-        sys.setswitchinterval(float(os.environ["SI"]))
     install_stand_in(args.step_ms)  # for --engine-in-process
     os.environ["LORAPLEX_BENCH_STAND_IN_MS"] = str(args.step_ms)  # for the engine process
     from loraplex import cli
 
-    if os.environ.get("PROF"):
-        import cProfile
-        prof = cProfile.Profile()
-        prof.enable()
-        try:
-            return cli.main(serve_flags(args, args.port))
-        finally:
-            prof.disable()
-            prof.dump_stats(os.environ["PROF"])
     return cli.main(serve_flags(args, args.port))
 
 
@@ -141,6 +130,7 @@ def role_engine(args) -> int:
     """Waves of C requests on the engine alone; prints one JSON line per wave."""
     install_stand_in(args.step_ms)
     from loraplex import cli
+    from loraplex.engine.async_engine import engine_detokenizes
     from loraplex.engine.request import Request
     from loraplex.engine.sampling import SamplingParams
     from loraplex.server.config import config_from_args
@@ -158,8 +148,9 @@ def role_engine(args) -> int:
             params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
             started = time.monotonic()
             for i in range(c):
-                # no stop strings: as in the server, the engine does not detokenize (the API side does)
-                engine.add_request(Request(f"w{wave}-{i}", list(prompt), params, detokenize=False))
+                # as in the server: without stop strings the API side makes the text, not the engine
+                engine.add_request(Request(f"w{wave}-{i}", list(prompt), params,
+                                           detokenize=engine_detokenizes(params)))
             steps = 0
             while engine.has_work():
                 steps += engine.step() > 0
