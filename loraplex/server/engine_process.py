@@ -120,7 +120,7 @@ class EngineServer:
         from .state import build_engine
 
         try:
-            tokenizer, registry, engine, model_name = build_engine(
+            _, registry, engine, model_name = build_engine(  # the tokenizer: the engine has it
                 self.config, on_adapter_event=lambda *event: self.send_ctl(("event", *event)))
         except BaseException as exc:
             log.exception("engine process: startup failed")
