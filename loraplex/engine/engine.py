@@ -2,7 +2,14 @@
 
     Engine(...)  everything a step uses is allocated at its maximum, from the limits
     warm_up()    every kernel variant compiled and run, a full-budget prefill, then CUDA graphs
-    step():      adapters.between_steps() -> scheduler.schedule() -> runner.run() -> sample -> postprocess
+    step():      adapters.between_steps() -> scheduler.schedule() -> runner.run() -> draw -> postprocess
+
+With async scheduling (on CUDA by default) one step stays in flight: step() launches step
+N+1 on the device first, then waits for step N's tokens and postprocesses them while the
+device runs N+1, so the host's work hides behind the device's instead of adding to it. The
+results are the same tokens: step N+1 reads N's tokens on the device (`Request.pending`); a
+sequence that N finishes (a stop token, a stop string, an abort) has its N+1 token dropped,
+and one that reaches max_tokens with N is not scheduled again.
 
 Single-threaded by design: one thread (see `async_engine.py`) calls every method. Results leave
 through each request's output channel (`Request.on_output`).
@@ -24,7 +31,7 @@ from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockAllocator, KVCache, blocks_for_memory
 from .request import FinishReason, Request, RequestOutput, Status
 from .runner import ModelRunner
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import Draw, SamplingParams, draw, make_generator
 from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 
 log = logging.getLogger("loraplex.engine")
@@ -39,6 +46,7 @@ class EngineConfig:
     memory_fraction: float = 0.90        # of GPU memory for weights + adapters + KV cache
     max_model_len: int | None = None     # None = the model's own limit
     cuda_graph_max_batch: int = 256      # decode steps up to this batch replay CUDA graphs; 0 = off
+    async_scheduling: bool | None = None  # one step in flight (see above); None = on CUDA only
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -57,8 +65,18 @@ class StepStats:
     prefill_tokens: int
     decode_tokens: int
     adapters: int        # distinct adapters among the step's sequences (base model not counted)
-    seconds: float       # wall time of the step, scheduling to sampled tokens
+    seconds: float       # wall time of the step, scheduling to sampled tokens on the host
     preempted: int
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A launched step whose tokens are still on the device."""
+
+    sampled: list[Request]   # in the order of draw's rows
+    draw: Draw
+    stats: StepStats         # seconds filled in when its tokens are in
+    started: float           # time.monotonic() when it was scheduled
 
 
 class RequestError(ValueError):
@@ -115,6 +133,9 @@ class Engine:
             graphs = DecodeGraphs(model, min(config.cuda_graph_max_batch, config.max_num_seqs), self.limits.max_blocks)
         self._capture_pending = graphs is not None  # captured at the end of warm_up(), else before the first step
         self.runner = ModelRunner(model, bs, graphs)
+        self.async_scheduling = (model.device.type == "cuda" if config.async_scheduling is None
+                                 else config.async_scheduling)
+        self._in_flight: InFlight | None = None
         self.requests: dict[str, Request] = {}
         self.last_step: ScheduledStep | None = None
         self.on_step: Callable[[StepStats], None] | None = None  # called after every step that ran
@@ -161,12 +182,13 @@ class Engine:
         return len(doomed)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     # -- one step -------------------------------------------------------------------------
 
     def step(self) -> int:
-        """Run one batch; returns the number of tokens it computed (0 when idle)."""
+        """Run one batch; returns the number of tokens it computed (0 when idle). With async
+        scheduling the batch is launched, and the outputs are those of the step before."""
         if self.model.layers[0].self_attn.workspace is not self.workspace:
             raise RuntimeError("another Engine was built on this model since this one: its kernels are bound "
                                "to the newer engine's plans and workspace")
@@ -176,26 +198,51 @@ class Engine:
         if self.adapters is not None:
             for handle, reason, message in self.adapters.between_steps():
                 self.abort_holding(handle, reason, message)
-        started = time.monotonic()
-        sched = self.scheduler.schedule()
-        self.last_step = sched
-        if sched.empty:
-            return 0
-        logits, sampled = self.runner.run(sched)
-        tokens, logprobs = sample(logits, [r.params for r in sampled], [r.generator for r in sampled])
+        try:
+            started = time.monotonic()
+            sched = self.scheduler.schedule()
+            self.last_step = sched
+            launched = None if sched.empty else self._launch(sched, started)
+            if self.async_scheduling:
+                done, self._in_flight = self._in_flight, launched
+            else:
+                done = launched
+            if done is not None:
+                self._land(done)
+        except BaseException:
+            self._in_flight = None  # the caller fails the requests; nothing of it is kept
+            raise
+        return 0 if sched.empty else sum(n for _, n in sched.prefills) + len(sched.decodes)
+
+    def _launch(self, sched: ScheduledStep, started: float) -> InFlight:
+        """Queue the step's model run and sampling on the device."""
+        pending = None if self._in_flight is None else self._in_flight.draw.tokens
+        logits, sampled = self.runner.run(sched, pending)
+        drawn = draw(logits, [r.params for r in sampled], [r.generator for r in sampled])
         for req, n in sched.prefills:
             req.num_computed += n
         for req in sched.decodes:
             req.num_computed += 1
+        for row, req in enumerate(sampled):
+            req.pending += 1
+            req.pending_row = row
+        adapters = {r.adapter_ref for r, _ in sched.prefills} | {r.adapter_ref for r in sched.decodes}
+        stats = StepStats(sum(n for _, n in sched.prefills), len(sched.decodes), len(adapters - {None}),
+                          0.0, len(sched.preempted))
+        return InFlight(sampled, drawn, stats, started)
+
+    def _land(self, flight: InFlight) -> None:
+        """Wait for a launched step's tokens and postprocess them (those of requests that ended
+        since it was launched are dropped)."""
+        tokens, logprobs = flight.draw.to_host()
         now = time.monotonic()
-        for req, token, lp in zip(sampled, tokens, logprobs):
-            self._append(req, token, lp, now)
-        prefill_tokens = sum(n for _, n in sched.prefills)
+        for req, token, lp in zip(flight.sampled, tokens, logprobs):
+            req.pending -= 1
+            if req.status is not Status.FINISHED:
+                self._append(req, token, lp, now)
         if self.on_step is not None:
-            adapters = {r.adapter_ref for r, _ in sched.prefills} | {r.adapter_ref for r in sched.decodes}
-            self.on_step(StepStats(prefill_tokens, len(sched.decodes), len(adapters - {None}),
-                                   time.monotonic() - started, len(sched.preempted)))
-        return prefill_tokens + len(sched.decodes)
+            flight.stats.seconds = time.monotonic() - flight.started
+            self.on_step(flight.stats)
 
     def _append(self, req: Request, token: int, logprob, now: float) -> None:
         req.output_ids.append(token)
@@ -210,7 +257,7 @@ class Engine:
                 text, hit = req.detokenizer.push(token)
             if hit:
                 reason = FinishReason.STOP
-            elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            elif len(req.output_ids) >= p.max_tokens or len(req.prompt_ids) + len(req.output_ids) >= self.max_model_len:
                 reason = FinishReason.LENGTH
         lps = None if logprob is None else [logprob]
         if reason is None:

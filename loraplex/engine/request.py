@@ -57,6 +57,8 @@ class Request:
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0                # tokens whose keys and values are in the cache
+    pending: int = 0                     # sampled tokens still on the device (async scheduling: 0-2)
+    pending_row: int = -1                # the latest one's row in its step's draw
     block_table: list[int] = field(default_factory=list)
     lora_slot: int = -1                  # GPU adapter slot while scheduled, -1 = base model
     adapter_ref: Any = None              # the adapter provider's handle (held until finished)
@@ -69,15 +71,23 @@ class Request:
 
     @property
     def all_ids(self) -> list[int]:
+        """Prompt and generated tokens known on the host (not those still pending)."""
         return self.prompt_ids + self.output_ids
 
     @property
     def last_token(self) -> int:
+        """The newest token; only defined without pending tokens (else it is on the device)."""
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Tokens of the sequence so far, pending ones included."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def out_of_tokens(self) -> bool:
+        """max_tokens reached once the pending tokens land: nothing more to schedule."""
+        return len(self.output_ids) + self.pending >= self.params.max_tokens
 
     @property
     def num_uncomputed(self) -> int:
@@ -86,4 +96,4 @@ class Request:
 
     @property
     def is_decoding(self) -> bool:
-        return self.status is Status.RUNNING and self.num_uncomputed == 1 and bool(self.output_ids)
+        return self.status is Status.RUNNING and self.num_uncomputed == 1 and bool(self.output_ids or self.pending)

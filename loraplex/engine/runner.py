@@ -1,4 +1,8 @@
-"""Turns a scheduled step into tensors, runs the model and returns the logits to sample."""
+"""Turns a scheduled step into tensors, runs the model and returns the logits to sample.
+
+With async scheduling a decoding sequence's newest token may still be on the device, sampled
+by the step in flight: its input id is then taken from that step's tokens, on the device
+(`pending_tokens`), so that building this step never waits for the previous one."""
 
 from __future__ import annotations
 
@@ -44,7 +48,22 @@ class ModelRunner:
         return (self._to_device(tables, torch.int32).view(len(decodes), width),
                 self._to_device([r.num_tokens for r in decodes], torch.int32))
 
-    def prepare(self, sched: ScheduledStep) -> tuple[torch.Tensor, StepMeta, list[Request]]:
+    def _input_ids(self, decodes_first: int, ids: list[int], decodes: list[Request],
+                   pending_tokens: torch.Tensor | None) -> torch.Tensor:
+        """`ids` on the device, with the rows of decodes whose input token is pending (ids
+        `decodes_first` + i for decodes[i]) filled from `pending_tokens`, the draw in flight."""
+        dev = self._to_device(ids, torch.int64)
+        waiting = [(decodes_first + i, r.pending_row) for i, r in enumerate(decodes) if r.pending]
+        if waiting:
+            if pending_tokens is None:
+                raise RuntimeError("a decode's input token is pending but no step is in flight")
+            rows, src = zip(*waiting)
+            dev.index_copy_(0, self._to_device(list(rows), torch.int64),
+                            pending_tokens.index_select(0, self._to_device(list(src), torch.int64)))
+        return dev
+
+    def prepare(self, sched: ScheduledStep, pending_tokens: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, StepMeta, list[Request]]:
         """Flat batch: prompt chunks first, then decode tokens. Returns input ids, the step's
         metadata and the requests to sample, in the order of `step.logits_rows`."""
         ids: list[int] = []
@@ -56,6 +75,8 @@ class ModelRunner:
         chunks: list[tuple[int, int, int, list[int]]] = []
         for req, n in sched.prefills:
             start, first = len(ids), req.num_computed
+            if req.pending:  # a prompt chunk reads only tokens the host has
+                raise RuntimeError(f"request {req.request_id} is prefilled with a token still pending")
             ids += (req.all_ids if first + n > len(req.prompt_ids) else req.prompt_ids)[first: first + n]
             positions += range(first, first + n)
             rows += self._rows(req.block_table, first, first + n)
@@ -68,7 +89,7 @@ class ModelRunner:
         for req in sched.decodes:
             pos = req.num_tokens - 1
             logits_rows.append(len(ids))
-            ids.append(req.last_token)
+            ids.append(0 if req.pending else req.last_token)  # a pending token is filled in on the device
             positions.append(pos)
             rows += self._rows(req.block_table, pos, pos + 1)
             lora_slots.append(req.lora_slot)
@@ -91,20 +112,22 @@ class ModelRunner:
             lora=lora,
             logits_rows=self._to_device(logits_rows, torch.int64),
         )
-        return self._to_device(ids, torch.int64), step, sampled
+        return self._input_ids(decode_start, ids, sched.decodes, pending_tokens), step, sampled
 
-    def run(self, sched: ScheduledStep) -> tuple[torch.Tensor, list[Request]]:
-        """Logits [len(sampled), V] fp32 for the requests that get a new token this step."""
+    def run(self, sched: ScheduledStep, pending_tokens: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, list[Request]]:
+        """Logits [len(sampled), V] fp32 for the requests that get a new token this step.
+        `pending_tokens`: the tokens of the step in flight (async scheduling), else None."""
         if self.graphs is not None and not sched.prefills and len(sched.decodes) <= self.graphs.max_batch:
-            return self._replay(sched.decodes), sched.decodes
-        input_ids, step, sampled = self.prepare(sched)
+            return self._replay(sched.decodes, pending_tokens), sched.decodes
+        input_ids, step, sampled = self.prepare(sched, pending_tokens)
         return self.model(input_ids, step), sampled
 
-    def _replay(self, decodes: list[Request]) -> torch.Tensor:
+    def _replay(self, decodes: list[Request], pending_tokens: torch.Tensor | None) -> torch.Tensor:
         tables, seq_lens = self._decode_tables(decodes)
         pos = [r.num_tokens - 1 for r in decodes]
         return self.graphs.run(
-            input_ids=self._to_device([r.last_token for r in decodes], torch.int64),
+            input_ids=self._input_ids(0, [0 if r.pending else r.last_token for r in decodes], decodes, pending_tokens),
             positions=self._to_device(pos, torch.int64),
             slot_mapping=self._to_device([row for r, p in zip(decodes, pos) for row in self._rows(r.block_table, p, p + 1)],
                                          torch.int64),

@@ -119,16 +119,61 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     return generator
 
 
+def on_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list on `device` without waiting for the device: a plain
+    `torch.tensor(values, device="cuda")` synchronizes the stream, which would stall the host
+    until the step in flight is done (see Engine's async scheduling)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+@dataclass(slots=True)
+class Draw:
+    """One sampling step's results while still on the device: `to_host()` is its only sync."""
+
+    tokens: torch.Tensor                   # [B] int64
+    logprob_rows: list[int]                # rows whose params ask for logprobs
+    packed: torch.Tensor | None            # [len(logprob_rows), 1 + 2k] fp64: chosen | top values | top ids
+    params: Sequence[SamplingParams]
+
+    def to_host(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The tokens and logprobs as Python values (waits for the device)."""
+        token_list = self.tokens.tolist()
+        out: list[TokenLogprob | None] = [None] * len(token_list)
+        if self.packed is None:
+            return token_list, out
+        k = (self.packed.shape[1] - 1) // 2
+        for row, i in zip(self.packed.tolist(), self.logprob_rows):
+            want = self.params[i].logprobs
+            top = [(int(row[1 + k + j]), row[1 + j]) for j in range(min(want, k))]
+            out[i] = TokenLogprob(token_id=token_list[i], logprob=row[0], top=top)
+        return token_list, out
+
+
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
 ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """One token per row of `logits` [B, V], and its logprobs where the row's params ask.
+    """One token per row of `logits` [B, V], and its logprobs where the row's params ask
+    (`draw(...).to_host()`)."""
+    return draw(logits, params, generators).to_host()
+
+
+def draw(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> Draw:
+    """Queue the sampling of one token per row of `logits` [B, V] on its device, with the
+    logprobs the rows' params ask for; nothing waits for the device until `Draw.to_host()`.
 
     Greedy rows (temperature 0) take the argmax (lowest index on ties). The others sample
     from softmax(logits / temperature) restricted by top-k, then top-p. Logprobs are those
-    of the raw logits (the model's distribution, before temperature and truncation).
+    of the raw logits (the model's distribution, before temperature and truncation). All of
+    it is read from `logits` now, so the buffer may be overwritten by the next step.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
@@ -144,13 +189,12 @@ def sample(
     else:
         tokens = logits.argmax(dim=-1)
         if rows:
-            index = torch.tensor(rows, device=logits.device)
+            index = on_device(rows, logits.device)
             picked = _sample_rows(logits.index_select(0, index),
                                   [params[i] for i in rows], [generators[i] for i in rows])
             tokens = tokens.index_copy(0, index, picked)
-
-    token_list = tokens.tolist()  # host sync 1
-    return token_list, _logprobs(logits, tokens, params, token_list)
+    logprob_rows, packed = _logprobs(logits, tokens, params)
+    return Draw(tokens, logprob_rows, packed, params)
 
 
 def _sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -159,7 +203,7 @@ def _sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
     n, vocab = logits.shape
     device = logits.device
     # Clamped so that a temperature below fp32's range is not 0 (0 / 0 = NaN).
-    temperature = torch.tensor([p.temperature for p in params], device=device)
+    temperature = on_device([p.temperature for p in params], device, torch.float32)
     temperature.clamp_min_(torch.finfo(torch.float32).tiny)
     # Shift the row maximum to 0 first: a tiny temperature then sends the other logits
     # towards -inf instead of overflowing the maximum to +inf (inf - inf = NaN in softmax).
@@ -172,7 +216,7 @@ def _sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
         # so top_k=1 or a tiny top_p gives exactly the greedy token.
         ranked, order = scaled.sort(dim=-1, descending=True, stable=True)
         if use_top_k:
-            k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+            k = on_device([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device)
             position = torch.arange(vocab, device=device)
             ranked = ranked.masked_fill(position.unsqueeze(0) >= k.unsqueeze(1), -math.inf)
         if use_top_p:
@@ -181,7 +225,7 @@ def _sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
             # which keeps the smallest prefix reaching top_p and always the first token.
             before = probs.cumsum(dim=-1) - probs
             # Rows with top_p = 1 must keep everything; rounding could push `before` to 1.
-            top_p = torch.tensor([p.top_p if p.top_p < 1 else math.inf for p in params], device=device)
+            top_p = on_device([p.top_p if p.top_p < 1 else math.inf for p in params], device, torch.float32)
             ranked = ranked.masked_fill(before >= top_p.unsqueeze(1), -math.inf)
         scaled = torch.empty_like(scaled).scatter_(1, order, ranked)
 
@@ -200,7 +244,7 @@ def _exponential_noise(n: int, vocab: int, generators: Sequence[torch.Generator 
         noise.exponential_()
     else:
         if free:
-            index = torch.tensor(free, device=device)
+            index = on_device(free, device)
             noise.index_copy_(0, index, torch.empty(len(free), vocab, device=device).exponential_())
         for i, generator in enumerate(generators):
             if generator is not None:
@@ -209,13 +253,14 @@ def _exponential_noise(n: int, vocab: int, generators: Sequence[torch.Generator 
     return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
 
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams],
-              token_list: list[int]) -> list[TokenLogprob | None]:
-    out: list[TokenLogprob | None] = [None] * len(params)
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]
+              ) -> tuple[list[int], torch.Tensor | None]:
+    """The rows asking for logprobs, and per row [chosen | top values | top ids] in fp64 (exact
+    for fp32 values and any token id), so that one host transfer fetches all of it."""
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not rows:
-        return out
-    index = torch.tensor(rows, device=logits.device)
+        return rows, None
+    index = on_device(rows, logits.device)
     logp = torch.log_softmax(logits.index_select(0, index), dim=-1)
     chosen = logp.gather(1, tokens.index_select(0, index).unsqueeze(1))
     k = min(max(params[i].logprobs for i in rows), logp.shape[1])
@@ -223,11 +268,4 @@ def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: Sequence[Sampl
     if k > 0:
         top_values, top_ids = logp.topk(k, dim=-1)
         parts += [top_values, top_ids]
-    # One host transfer for all of it: [chosen | top values | top ids] per row, in fp64
-    # (exact for fp32 values and for any token id).
-    packed = torch.cat([part.double() for part in parts], dim=1).tolist()  # host sync 2
-    for row, i in zip(packed, rows):
-        want = params[i].logprobs
-        top = [(int(row[1 + k + j]), row[1 + j]) for j in range(min(want, k))]
-        out[i] = TokenLogprob(token_id=token_list[i], logprob=row[0], top=top)
-    return out
+    return rows, torch.cat([part.double() for part in parts], dim=1)

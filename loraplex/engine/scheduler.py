@@ -87,8 +87,8 @@ class Scheduler:
 
         # 1. one token for each decoding sequence, oldest first; preempt the newest for blocks
         for req in list(self.running):
-            if req.status is not Status.RUNNING or not req.is_decoding:
-                continue
+            if req.status is not Status.RUNNING or not req.is_decoding or req.out_of_tokens:
+                continue  # (out of tokens: its last token is still in flight, async scheduling)
             while not self.allocator.grow(req.block_table, req.num_tokens):
                 victim = self.running[-1]
                 self._preempt(victim)

@@ -32,6 +32,7 @@ class ServerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048           # tokens per engine step (chunked-prefill budget)
     enforce_eager: bool = False                  # no CUDA graphs
+    async_scheduling: str = "auto"               # one engine step in flight: auto (= on CUDA), on, off
     engine_process: bool = True                  # the engine in its own process (False: on a thread here)
     max_gpu_adapters: int = 8
     max_host_adapters: int = 32
@@ -51,6 +52,8 @@ class ServerConfig:
 
     def check(self) -> None:
         """Refuse settings that cannot work, with the flag's name in the message."""
+        if self.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError(f"--async-scheduling must be auto, on or off, got {self.async_scheduling!r}")
         if self.admin_key is not None and self.admin_key in self.api_keys:
             raise ValueError("--admin-key must differ from every --api-key")
         if any(not k for k in [*self.api_keys, *([self.admin_key] if self.admin_key is not None else [])]):
@@ -130,6 +133,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
          default=d.max_num_batched_tokens)
     switch("enforce-eager", "run every step eagerly, without CUDA graphs (slower decoding; to debug, or to "
                             "compare with the graphs)")
+    flag("async-scheduling", "keep one engine step in flight: the host schedules step N+1 and "
+                             "postprocesses step N while the GPU runs; same outputs, faster decoding. auto = on "
+                             "for CUDA, off on CPU (where it only adds a step of latency); a bare "
+                             "--async-scheduling means on", default=d.async_scheduling, choices=["auto", "on", "off"],
+         nargs="?", const="on")
     switch("engine-in-process", "run the engine on a thread of the API server's process instead of its own "
                                 "process (they then share one GIL: slower serving; for debugging)")
     flag("max-gpu-adapters", "adapters resident on the GPU at once (pre-allocated slots)", type=int,
@@ -167,6 +175,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         kv_cache_tokens=args.kv_cache_tokens, gpu_memory_fraction=args.gpu_memory_fraction,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         engine_process=not args.engine_in_process,
         max_gpu_adapters=args.max_gpu_adapters,
         max_host_adapters=args.max_host_adapters, max_rank=args.max_rank, adapter_roots=listed("adapter_root"),

@@ -56,14 +56,20 @@ def test_engine_flags_parse_check_and_reach_the_engine(monkeypatch):
     assert e.max_num_batched_tokens == 512 and e.enforce_eager
     monkeypatch.setenv("LORAPLEX_ENFORCE_EAGER", "0")
     assert not parse([]).enforce_eager
+    assert d.async_scheduling == "auto" and parse(["--async-scheduling"]).async_scheduling == "on"
+    assert parse(["--async-scheduling", "off"]).async_scheduling == "off"
     for argv, message in ((["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be >= 1"),
                           (["--max-num-batched-tokens", "100"],  # under the default --max-num-seqs 256
                            r"--max-num-batched-tokens \(100\) must be >= --max-num-seqs \(256\)")):
         with pytest.raises(ValueError, match=message):
             parse(argv)
+    with pytest.raises(ValueError, match="--async-scheduling must be auto, on or off"):
+        parse([], {"LORAPLEX_ASYNC_SCHEDULING": "sometimes"}, monkeypatch)
+    monkeypatch.delenv("LORAPLEX_ASYNC_SCHEDULING")
 
     # the bundled demo on CPU: the values are in the engine's config (no graphs on CPU anyway)
     with runtime.reference_kernels():
+        c.async_scheduling = "on"
         for config, graph_batch in ((c, 0), (ServerConfig(device="cpu", max_num_seqs=8), 256)):
             config.engine_process = False  # to look inside the engine
             state = ServerState(config)
@@ -73,6 +79,7 @@ def test_engine_flags_parse_check_and_reach_the_engine(monkeypatch):
                 assert engine.config.cuda_graph_max_batch == graph_batch and engine.runner.graphs is None
                 assert engine.config.max_num_batched_tokens == config.max_num_batched_tokens
                 assert engine.scheduler.config.max_num_batched_tokens == config.max_num_batched_tokens
+                assert engine.async_scheduling is (config is c)  # auto: off on CPU
             finally:
                 state.shutdown()
 
@@ -84,7 +91,7 @@ def test_help_documents_every_flag():
                  "--max-gpu-adapters", "--max-host-adapters", "--max-rank", "--adapter-root", "--api-key",
                  "--admin-key", "--allow-unauthenticated-admin", "--cors-origin", "--log-level", "--max-body-bytes",
                  "--max-tokens-limit", "--max-n", "--max-queue", "--shutdown-timeout", "--max-num-batched-tokens",
-                 "--enforce-eager", "--engine-in-process"):
+                 "--enforce-eager", "--async-scheduling", "--engine-in-process"):
         assert flag in text, flag
     assert "LORAPLEX_MAX_GPU_ADAPTERS" in text and "SIGTERM" in text
     assert "LORAPLEX_ENFORCE_EAGER=1" in text and "LORAPLEX_MAX_NUM_BATCHED_TOKENS" in text
