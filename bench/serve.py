@@ -3,8 +3,10 @@ alone, with the model's forward replaced by a stand-in, so that only the serving
 
 The stand-in (`install_stand_in`) replaces `CausalLM.forward`: it returns prebuilt logits at
 once (every row one-hot on a printable token, rotating per step, so detokenization does real
-work), after a GIL-free `time.sleep(step_ms)` when `--step-ms` > 0, which stands for a GPU
-step (the host waits for the device with the GIL released). Everything else is the real
+work) and models a GPU of `--step-ms` per step: the step is queued on a device clock, and
+the engine's one sync point (`Draw.to_host`) sleeps, GIL-free, until it is done. So the
+engine overlaps host work with the "device" exactly when it would on a GPU, with
+`--async-scheduling` (on by default here: it is the GPU default). Everything else is the real
 code: the scheduler, the runner's tensors, sampling, detokenization, the engine process (the
 stand-in is installed there too: multiprocessing imports this script in it), the app and
 uvicorn, started by `loraplex serve`'s own entry point in a subprocess. The demo model, on
@@ -15,7 +17,8 @@ In one run, for each stand-in cost:
                  engine in-process) and runs --engine-waves waves of C requests (the clients'
                  prompt, T tokens each, greedy, ignore_eos, not detokenized: in the server the
                  API side makes their text) with `Engine.step()` until done: tokens / wall
-                 time of the median wave, host time per step (wall / steps - step_ms)
+                 time of the median wave, host time per step not hidden behind the device
+                 (wall / steps - step_ms, at least 0)
 2. server        `loraplex serve` in a subprocess; --clients client processes (raw HTTP/1.1 on
                  asyncio, no HTTP library: the cheapest client Python has) open C keep-alive
                  connections and send one /v1/completions request each per wave, all at once,
@@ -68,21 +71,31 @@ STAND_IN_TEXT = "abcdefghijklmnopqrstuvwxyz "  # the stand-in's tokens cycle thr
 
 
 def install_stand_in(step_ms: float, model_dir: Path | None = None) -> None:
-    """Replace CausalLM.forward (for this process) by prebuilt logits after a GIL-free sleep."""
+    """Replace CausalLM.forward (for this process) by prebuilt logits from a modelled device.
+
+    The device runs one step at a time, `step_ms` each, in launch order: forward() queues a
+    step and returns at once (as a CUDA launch does); Draw.to_host(), the engine's one sync
+    point, sleeps (GIL-free) until that step is done. A synchronous engine thus waits the
+    whole step_ms after each launch; with async scheduling the host's work for the next step
+    runs meanwhile, as on a GPU."""
+    import collections
+
     import torch
     from transformers import AutoTokenizer
 
     from loraplex.demo import MODEL_DIR
+    from loraplex.engine import sampling
     from loraplex.model import llama
 
     tok = AutoTokenizer.from_pretrained(model_dir or MODEL_DIR)
     ids = tok.encode(STAND_IN_TEXT, add_special_tokens=False)
     tables: dict[tuple[int, int], torch.Tensor] = {}
     counter = [0]
+    done_at: collections.deque[float] = collections.deque()  # steps queued on the device, oldest first
 
     def forward(self, input_ids, step):
-        if step_ms > 0:
-            time.sleep(step_ms / 1000)  # releases the GIL, as a host waiting for the device does
+        start = max(time.monotonic(), done_at[-1] if done_at else 0.0)
+        done_at.append(start + step_ms / 1000)
         rows = step.logits_rows.numel()
         key = (self.config.vocab_size, max(rows, 256))
         table = tables.get(key)
@@ -95,7 +108,17 @@ def install_stand_in(step_ms: float, model_dir: Path | None = None) -> None:
         counter[0] += 1
         return table[counter[0] % len(ids), :rows]
 
+    real_to_host = sampling.Draw.to_host
+
+    def to_host(self):
+        if done_at:  # the oldest step still queued is this draw's (steps land in launch order)
+            wait = done_at.popleft() - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)  # releases the GIL, as a host waiting for the device does
+        return real_to_host(self)
+
     llama.CausalLM.forward = forward
+    sampling.Draw.to_host = to_host
 
 
 # The server's engine process is spawned by multiprocessing, which imports this script as
@@ -115,7 +138,7 @@ def serve_flags(args, port: int) -> list[str]:
             "--max-num-seqs", str(max(args.max_concurrency, 1)),
             "--max-num-batched-tokens", str(max(2048, args.max_concurrency)),
             "--max-queue", str(4 * args.max_concurrency), "--max-tokens-limit", str(args.tokens),
-            *args.serve_arg]
+            "--async-scheduling", args.async_scheduling, *args.serve_arg]
 
 
 def role_server(args) -> int:
@@ -361,7 +384,7 @@ def role_env() -> dict:
 def role_args(args, role: str, **extra) -> list[str]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--step-ms", str(extra["step_ms"]),
             "--tokens", str(args.tokens), "--engine-waves", str(args.engine_waves),
-            "--max-concurrency", str(args.max_concurrency),
+            "--max-concurrency", str(args.max_concurrency), "--async-scheduling", args.async_scheduling,
             "--concurrency", ",".join(map(str, args.concurrency))]
     if "port" in extra:
         argv += ["--port", str(extra["port"])]
@@ -415,7 +438,7 @@ def engine_alone(args, step_ms: float) -> dict[int, dict]:
     for c, ws in waves.items():
         w = median_wave(ws)
         best[c] = {"tok_s": w["tokens"] / w["wall"], "steps": w["steps"],
-                   "host_ms": 1000 * w["wall"] / max(w["steps"], 1) - step_ms}
+                   "host_ms": max(0.0, 1000 * w["wall"] / max(w["steps"], 1) - step_ms)}
     return best
 
 
@@ -493,6 +516,8 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any one part may take")
     p.add_argument("--out", type=Path, default=None, help="directory for server logs and results.json")
+    p.add_argument("--async-scheduling", choices=["on", "off"], default="on",
+                   help="the engine's async scheduling, in both roles (default on, as on a GPU)")
     p.add_argument("--serve-arg", action="append", default=[],
                    help="extra `loraplex serve` flag (repeatable)")
     p.add_argument("--smoke", action="store_true", help="CI: C = 8, T = 8, one wave, step 0 ms")
@@ -528,7 +553,8 @@ def main(argv=None) -> int:
     if args.out:
         (args.out / "results.json").write_text(json.dumps(record, indent=1))
 
-    print(f"\nbench/serve.py: demo model, stand-in forward, {args.tokens} tokens per request, "
+    print(f"\nbench/serve.py: demo model, stand-in forward, async scheduling {args.async_scheduling}, "
+          f"{args.tokens} tokens per request, "
           f"{args.clients} client processes, median of {args.waves} server / {args.engine_waves} "
           f"engine-alone waves, {os.cpu_count()} CPUs")
     head = (f"{'step':>5} {'mode':>9} {'C':>4} {'server tok/s':>12} {'engine tok/s':>12} {'ratio':>6} "

@@ -30,6 +30,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import threading
 import time
@@ -55,6 +56,16 @@ STATUS_EVERY_S = 0.05  # the engine process reports a changed queue depth at mos
 
 # -- wire format: outputs as plain tuples (pickled per step; a dataclass costs more) ------------
 
+def send(conn: Connection, message) -> None:
+    """Connection.send without multiprocessing's ForkingPickler, whose set-up (a copy of the
+    reducer table per message) cost more than pickling a request; nothing sent here needs it."""
+    conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+
+def receive(conn: Connection):
+    return pickle.loads(conn.recv_bytes())
+
+
 def pack(out: RequestOutput) -> tuple:
     return (out.request_id, out.token_ids, out.text, out.logprobs, out.finished,
             None if out.finish_reason is None else out.finish_reason.value, out.prompt_tokens,
@@ -72,8 +83,6 @@ def unpack(t: tuple) -> RequestOutput:
 def portable(exc: BaseException) -> BaseException:
     """`exc` if it survives pickling, else a RuntimeError with its type and text (for the log: the
     API side shows clients only what it shows for any unexpected error)."""
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
@@ -112,7 +121,7 @@ class EngineServer:
     def send_ctl(self, message) -> None:
         with self.ctl_lock:
             try:
-                self.ctl.send(message)
+                send(self.ctl, message)
             except OSError:  # the API process is gone; the main loop sees EOF and stops
                 pass
 
@@ -147,7 +156,7 @@ class EngineServer:
         items = [(request_id, pack(item) if isinstance(item, RequestOutput) else portable(item))
                  for request_id, item in entries]
         try:
-            self.out.send(("out", items, stats, self.status()))
+            send(self.out, ("out", items, stats, self.status()))
         except OSError:
             pass
 
@@ -160,7 +169,7 @@ class EngineServer:
         while True:
             try:
                 ready = self.ctl.poll(STATUS_EVERY_S)
-                message = self.ctl.recv() if ready else None
+                message = receive(self.ctl) if ready else None
             except (EOFError, OSError):
                 log.warning("engine process: the API process is gone; stopping")
                 return
@@ -264,7 +273,9 @@ class EngineClient:
 
     @property
     def running(self) -> bool:
-        return self.ready.is_set() and not self.stopped and not self.died and self.process.is_alive()
+        # No process.is_alive() (a waitpid per request): a dead engine closes its pipes, the
+        # readers then set `died`, and a request sent meanwhile fails on the pipe or in _ended.
+        return self.ready.is_set() and not self.stopped and not self.died
 
     @property
     def health(self) -> str | None:
@@ -317,7 +328,7 @@ class EngineClient:
         """On the event loop: every out message waiting, each one engine hand-off."""
         try:
             while self.out.poll():
-                _, items, stats, status = self.out.recv()
+                _, items, stats, status = receive(self.out)
                 self._deliver(items)
                 for s in stats:
                     self.metrics.observe_step(s)
@@ -362,7 +373,7 @@ class EngineClient:
     def _send(self, message) -> None:
         with self.ctl_lock:
             try:
-                self.ctl.send(message)
+                send(self.ctl, message)
             except OSError:
                 raise EngineStoppedError(self._stopped_message()) from None
 
@@ -370,7 +381,7 @@ class EngineClient:
         """Reader thread: startup, call results, adapter events, status."""
         try:
             while True:
-                message = self.ctl.recv()
+                message = receive(self.ctl)
                 kind = message[0]
                 if kind == "result":
                     _, call_id, ok, value, names = message
@@ -431,7 +442,7 @@ class EngineClient:
         while self.process.is_alive() and time.monotonic() < deadline:
             try:
                 if self.out.poll(0.05):
-                    self._deliver(self.out.recv()[1])
+                    self._deliver(receive(self.out)[1])
             except (EOFError, OSError):
                 self.process.join(max(0.0, deadline - time.monotonic()))
         if self.process.is_alive():

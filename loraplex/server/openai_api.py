@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse  # JSONResponse: what FastAPI makes of a
+# returned dict, without its jsonable_encoder walk over every choice and logprob
 
 from ..engine.adapters import UnknownAdapterError
 from ..engine.async_engine import EngineStoppedError, internal_error
@@ -227,7 +228,7 @@ def make_jobs(prefix: str, prompts: list[list[int]], params: SamplingParams, n: 
 
 
 def stream_response(state: ServerState, jobs: list[Job], adapter: str | None, model: str, arrival: float,
-                    chunks, usage_chunk=None, first: list[dict] = ()) -> StreamingResponse:
+                    chunks, usage_chunk=None, first: list[dict] = ()) -> sse.EventStream:
     """SSE over the jobs' outputs: `first` chunks, then the events `chunks(job, out)` makes for
     each output (a job the engine failed gets an error event instead), the `usage_chunk()`
     when asked for, an error event if the request fails on the way, and `[DONE]`. The events
@@ -253,7 +254,7 @@ def stream_response(state: ServerState, jobs: list[Job], adapter: str | None, mo
             yield sse.event(error_body(err.status, err.message, err.param, err.code)).encode()
         yield sse.DONE
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return sse.EventStream(events())
 
 
 def include_usage(body) -> bool:
@@ -301,7 +302,7 @@ async def completions(body: CompletionRequest, request: Request):
         choices = [{"index": j.index, "text": "".join(j.text), "finish_reason": finish_reason(j),
                     "logprobs": completion_logprobs(state, j.logprobs, 0) if body.logprobs is not None else None}
                    for j in jobs]
-        return {**base, "choices": choices, "usage": usage(jobs, prompts)}
+        return JSONResponse({**base, "choices": choices, "usage": usage(jobs, prompts)})
 
     offsets = {j.index: 0 for j in jobs}
     encoder = sse.ChunkEncoder(base)
@@ -372,7 +373,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         choices = [{"index": j.index, "message": {"role": "assistant", "content": "".join(j.text)},
                     "finish_reason": finish_reason(j),
                     "logprobs": chat_logprobs(state, j.logprobs) if body.logprobs else None} for j in jobs]
-        return {**base, "choices": choices, "usage": usage(jobs, [prompt])}
+        return JSONResponse({**base, "choices": choices, "usage": usage(jobs, [prompt])})
 
     base["object"] = "chat.completion.chunk"
     encoder = sse.ChunkEncoder(base)
