@@ -16,12 +16,13 @@ from loraplex.model.loader import load_model
 from tests.factory import make_model, random_adapter
 
 
-def generate(loaded, graphs: str, max_tokens=6):
+def generate(loaded, graphs: str, max_tokens=6, async_scheduling=False):
     """graphs: "off", "eager" (padded buffers, no capture) or "captured"."""
     adapters = StaticAdapters(loaded.model, {"a": random_adapter(loaded.model, 1), "b": random_adapter(loaded.model, 2)}, max_rank=4)
     engine = Engine(loaded.model, loaded.tokenizer, adapters,
                     EngineConfig(kv_cache_tokens=256, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
-                                 cuda_graph_max_batch=8 if graphs == "captured" else 0))
+                                 cuda_graph_max_batch=8 if graphs == "captured" else 0,
+                                 async_scheduling=async_scheduling))
     if graphs == "eager":
         engine.runner.graphs = DecodeGraphs(loaded.model, 8, max_blocks=-(-engine.max_model_len // 4))
     if graphs == "captured":
@@ -47,11 +48,13 @@ def generate(loaded, graphs: str, max_tokens=6):
     return {rid: [lp for o in lst for lp in o.logprobs] for rid, lst in outs.items()}
 
 
-def test_padded_decode_path_matches_plain_path(tmp_path):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_padded_decode_path_matches_plain_path(tmp_path, async_scheduling):
+    """With async scheduling the padded path also takes pending input tokens from the device."""
     make_model(tmp_path, "llama-gqa-tied")
     with runtime.reference_kernels():
         loaded = load_model(tmp_path, dtype=torch.float32, progress=False)
-        plain, padded = generate(loaded, "off"), generate(loaded, "eager")
+        plain, padded = generate(loaded, "off"), generate(loaded, "eager", async_scheduling=async_scheduling)
     for rid in plain:
         assert [lp.token_id for lp in padded[rid]] == [lp.token_id for lp in plain[rid]]
         for a, b in zip(plain[rid], padded[rid]):
@@ -59,10 +62,13 @@ def test_padded_decode_path_matches_plain_path(tmp_path):
 
 
 @pytest.mark.gpu
-def test_captured_graphs_match_eager_on_gpu(tmp_path):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_captured_graphs_match_eager_on_gpu(tmp_path, async_scheduling):
+    """Eager and synchronous against captured graphs, with and without one step in flight (the
+    CUDA default: pending input tokens, non-blocking copies, the graphs' logits buffer reused)."""
     make_model(tmp_path, "qwen2", hidden=128)
     loaded = load_model(tmp_path, dtype=torch.bfloat16, device="cuda", progress=False)
-    eager, captured = generate(loaded, "off"), generate(loaded, "captured")
+    eager, captured = generate(loaded, "off"), generate(loaded, "captured", async_scheduling=async_scheduling)
     for rid in eager:
         for a, b in zip(eager[rid], captured[rid]):
             assert b.top[0][1] == pytest.approx(a.top[0][1], abs=0.05)
