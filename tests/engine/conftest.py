@@ -1,4 +1,5 @@
-"""Small tokenizers trained on the spot (no download) for the detokenizer tests.
+"""Shared fixtures: a small random Llama on the PyTorch references, and small tokenizers
+trained on the spot (no download) for the detokenizer tests.
 
 Two families, with the decoders Llama-family models use:
 - byte-level BPE (GPT-2 / Llama 3 style): every byte is a symbol, multi-byte characters
@@ -13,8 +14,30 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from tokenizers import ByteLevelBPETokenizer, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from loraplex.kernels import runtime
+from loraplex.model.loader import load_model
+from tests.factory import make_model
+
+
+@pytest.fixture
+def reference_kernels():
+    """The PyTorch references instead of the Triton kernels (modules opt in with
+    `pytestmark = pytest.mark.usefixtures("reference_kernels")`)."""
+    with runtime.reference_kernels():
+        yield
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    """A small random Llama, fp32, loaded on the references (a module may define its own)."""
+    root = tmp_path_factory.mktemp("llama")
+    make_model(root, "llama")
+    with runtime.reference_kernels():
+        return load_model(root, dtype=torch.float32, progress=False)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -6,30 +6,16 @@ waited for."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from loraplex.engine import sampling
 from loraplex.engine.adapters import StaticAdapters
 from loraplex.engine.engine import Engine, EngineConfig
 from loraplex.engine.request import FinishReason, Request
 from loraplex.engine.sampling import SamplingParams
-from loraplex.kernels import runtime
-from loraplex.model.loader import load_model
-from tests.factory import make_model, random_adapter
+from tests.factory import random_adapter
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels():
-    with runtime.reference_kernels():
-        yield
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    root = tmp_path_factory.mktemp("async")
-    make_model(root, "llama")
-    with runtime.reference_kernels():
-        return load_model(root, dtype=torch.float32, progress=False)
+pytestmark = pytest.mark.usefixtures("reference_kernels")  # fixtures: tests/engine/conftest.py
 
 
 def make_engine(loaded, async_scheduling: bool, **config) -> Engine:
