@@ -257,7 +257,8 @@ class Engine:
                 text, hit = req.detokenizer.push(token)
             if hit:
                 reason = FinishReason.STOP
-            elif len(req.output_ids) >= p.max_tokens or len(req.prompt_ids) + len(req.output_ids) >= self.max_model_len:
+            elif (len(req.output_ids) >= p.max_tokens
+                  or len(req.prompt_ids) + len(req.output_ids) >= self.max_model_len):  # (pending not counted)
                 reason = FinishReason.LENGTH
         lps = None if logprob is None else [logprob]
         if reason is None:

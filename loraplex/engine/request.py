@@ -96,4 +96,5 @@ class Request:
 
     @property
     def is_decoding(self) -> bool:
-        return self.status is Status.RUNNING and self.num_uncomputed == 1 and bool(self.output_ids or self.pending)
+        return (self.status is Status.RUNNING and self.num_uncomputed == 1
+                and bool(self.output_ids or self.pending))

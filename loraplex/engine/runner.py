@@ -127,7 +127,8 @@ class ModelRunner:
         tables, seq_lens = self._decode_tables(decodes)
         pos = [r.num_tokens - 1 for r in decodes]
         return self.graphs.run(
-            input_ids=self._input_ids(0, [0 if r.pending else r.last_token for r in decodes], decodes, pending_tokens),
+            input_ids=self._input_ids(0, [0 if r.pending else r.last_token for r in decodes], decodes,
+                                      pending_tokens),
             positions=self._to_device(pos, torch.int64),
             slot_mapping=self._to_device([row for r, p in zip(decodes, pos) for row in self._rows(r.block_table, p, p + 1)],
                                          torch.int64),

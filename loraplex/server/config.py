@@ -134,10 +134,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     switch("enforce-eager", "run every step eagerly, without CUDA graphs (slower decoding; to debug, or to "
                             "compare with the graphs)")
     flag("async-scheduling", "keep one engine step in flight: the host schedules step N+1 and "
-                             "postprocesses step N while the GPU runs; same outputs, faster decoding. auto = on "
-                             "for CUDA, off on CPU (where it only adds a step of latency); a bare "
-                             "--async-scheduling means on", default=d.async_scheduling, choices=["auto", "on", "off"],
-         nargs="?", const="on")
+                             "postprocesses step N while the GPU runs; same outputs, faster decoding. "
+                             "auto = on for CUDA, off on CPU (where it only adds a step of latency); a "
+                             "bare --async-scheduling means on", default=d.async_scheduling,
+         choices=["auto", "on", "off"], nargs="?", const="on")
     switch("engine-in-process", "run the engine on a thread of the API server's process instead of its own "
                                 "process (they then share one GIL: slower serving; for debugging)")
     flag("max-gpu-adapters", "adapters resident on the GPU at once (pre-allocated slots)", type=int,

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse  # JSONResponse: what FastAPI makes of a
-# returned dict, without its jsonable_encoder walk over every choice and logprob
+# JSONResponse(body) is what FastAPI makes of a returned dict, without its jsonable_encoder
+# walk over every choice and logprob
+from fastapi.responses import JSONResponse
 
 from ..engine.adapters import UnknownAdapterError
 from ..engine.async_engine import EngineStoppedError, internal_error

@@ -4,7 +4,8 @@ Every chunk of one response repeats the same `id`, `object`, `created` and `mode
 encoded once per response (`ChunkEncoder`), and a token's chunk only adds its choice. The
 common choices (text or content without logprobs) are filled into fixed templates, with the
 text escaped by the json module's own C escaper; the output is byte for byte what
-`json.dumps(chunk, separators=(",", ":"))` gives for the whole chunk.
+`json.dumps(chunk, separators=(",", ":"))` gives for the whole chunk. `EventStream` is the
+response that sends them.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class EventStream(Response):
             task.cancel()
         watcher = asyncio.create_task(watch())
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
             async for chunk in self.events:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
