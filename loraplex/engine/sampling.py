@@ -18,8 +18,11 @@ from numbers import Real
 import torch
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256     # a stop string is matched against the text's tail at every token
+MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGPROBS = 20
-_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+_FP32_TINY = torch.finfo(torch.float32).tiny
 
 
 def _is_int(value: object) -> bool:
@@ -41,7 +44,7 @@ class SamplingParams:
     top_k: int = 0                  # 0 = off, else >= 1 (-1, vLLM's "off", is read as 0)
     seed: int | None = None         # per-request generator when set
     stop: list[str] = field(default_factory=list)  # up to 16 non-empty stop strings
-    stop_token_ids: list[int] = field(default_factory=list)
+    stop_token_ids: frozenset[int] = frozenset()  # given as any collection; kept as a set (checked per token)
     ignore_eos: bool = False
     logprobs: int | None = None     # None = off; k >= 0: chosen token's logprob plus top k
     include_stop_str_in_output: bool = False
@@ -54,15 +57,16 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         self.temperature = float(self.temperature)
 
-        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:  # NaN fails the comparison too
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        # NaN fails the comparisons too; below fp32's smallest normal, top_p is 0 where it is used
+        if not _is_real(self.top_p) or not _FP32_TINY <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] and at least {_FP32_TINY:.3g} (fp32), got {self.top_p!r}")
         self.top_p = float(self.top_p)
 
         if not _is_int(self.top_k) or self.top_k < -1:
             raise ValueError(f"top_k must be 0 (off) or an integer >= 1, got {self.top_k!r}")
         self.top_k = max(self.top_k, 0)
 
-        if self.seed is not None and (not _is_int(self.seed) or not _SEED_MIN <= self.seed <= _SEED_MAX):
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
             raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
 
         # A bare string is one stop string, not a sequence of one-character stops.
@@ -76,15 +80,20 @@ class SamplingParams:
         for s in stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters long, "
+                                 f"got one of {len(s)}")
         self.stop = list(stop)
 
         ids = self.stop_token_ids if self.stop_token_ids is not None else []
-        if not isinstance(ids, (list, tuple)):
+        if not isinstance(ids, (list, tuple, set, frozenset)):
             raise ValueError(f"stop_token_ids must be a list of integers, got {type(ids).__name__}")
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
         for t in ids:
             if not _is_int(t) or t < 0:
                 raise ValueError(f"stop_token_ids must hold integers >= 0, got {t!r}")
-        self.stop_token_ids = list(ids)
+        self.stop_token_ids = frozenset(ids)
 
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")

@@ -46,6 +46,7 @@ class ServerConfig:
     max_prompt_tokens: int | None = None         # None = the context length
     max_tokens_limit: int = 4096
     max_n: int = 8
+    max_prompts: int = 64                        # prompts in one /v1/completions request
     max_queue: int = 1024
     shutdown_timeout: float = 30.0
     log_level: str = "info"
@@ -59,7 +60,7 @@ class ServerConfig:
         if any(not k for k in [*self.api_keys, *([self.admin_key] if self.admin_key is not None else [])]):
             raise ValueError("API and admin keys must not be empty")
         for name in ("max_gpu_adapters", "max_host_adapters", "max_rank", "max_body_bytes", "max_tokens_limit",
-                     "max_n", "max_queue", "max_num_seqs", "max_num_batched_tokens"):
+                     "max_n", "max_prompts", "max_queue", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -158,7 +159,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     flag("max-prompt-tokens", "longest prompt accepted (default: the context length)", type=int)
     flag("max-tokens-limit", "largest max_tokens accepted", type=int, default=d.max_tokens_limit)
     flag("max-n", "largest n (choices per prompt) accepted", type=int, default=d.max_n)
-    flag("max-queue", "requests waiting at most; beyond, 429", type=int, default=d.max_queue)
+    flag("max-prompts", "most prompts in one /v1/completions request (each prompt x n is one engine "
+                        "request, and all of them count against --max-queue)", type=int, default=d.max_prompts)
+    flag("max-queue", "engine requests (prompts x n of each API request) waiting at most; beyond, 429",
+         type=int, default=d.max_queue)
     flag("shutdown-timeout", "seconds running requests get to finish after SIGTERM before they are aborted",
          type=float, default=d.shutdown_timeout)
     flag("log-level", "logging level", default=d.log_level, choices=["debug", "info", "warning", "error"])
@@ -182,7 +186,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         api_keys=listed("api_key"), admin_key=args.admin_key,
         allow_unauthenticated_admin=args.allow_unauthenticated_admin, cors_origins=listed("cors_origin"),
         max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens_limit=args.max_tokens_limit, max_n=args.max_n, max_queue=args.max_queue,
+        max_tokens_limit=args.max_tokens_limit, max_n=args.max_n, max_prompts=args.max_prompts,
+        max_queue=args.max_queue,
         shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
     )
     config.check()

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 # JSONResponse(body) is what FastAPI makes of a returned dict, without its jsonable_encoder
 # walk over every choice and logprob
 from fastapi.responses import JSONResponse
@@ -25,7 +25,7 @@ from ..engine.adapters import UnknownAdapterError
 from ..engine.async_engine import EngineStoppedError, internal_error
 from ..engine.engine import RequestError
 from ..engine.request import FinishReason, RequestOutput
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import SEED_MAX, SamplingParams
 from . import sse
 from .auth import is_admin, require_api_key
 from .errors import APIError, error_body
@@ -34,6 +34,9 @@ from .state import ServerState
 
 log = logging.getLogger("loraplex.server")
 router = APIRouter(dependencies=[require_api_key])
+
+MAX_CHARS_PER_TOKEN = 32    # a prompt averaging more characters per token is refused before tokenizing
+RELEASE_GIL_CHARS = 16_384  # longer texts are tokenized on a worker thread, with the GIL released
 
 
 def state_of(request: Request) -> ServerState:
@@ -79,7 +82,10 @@ def sampling_params(state: ServerState, body, prompt_len: int, max_tokens: int |
         raise APIError(400, f"{bad} is not supported by this server", param=bad)
     if body.n > c.max_n:
         raise APIError(400, f"n must be at most {c.max_n}, got {body.n}", param="n")
-    limit = c.max_prompt_tokens or state.max_model_len
+    if body.seed is not None and body.seed + body.n - 1 > SEED_MAX:  # choice i is seeded with seed + i
+        raise APIError(400, f"seed + n - 1 must be at most 2**64 - 1, got {body.seed} and n = {body.n}",
+                       param="seed")
+    limit = prompt_token_limit(state)
     if prompt_len > limit:
         raise APIError(400, f"the prompt has {prompt_len} tokens; at most {limit} are accepted",
                        param="prompt", code="context_length_exceeded")
@@ -105,12 +111,51 @@ def check_fits(state: ServerState, prompt_len: int, params: SamplingParams, adap
         raise APIError(404, str(exc), param="model", code="model_not_found") from None
 
 
-def tokenize_prompts(state: ServerState, prompt) -> list[list[int]]:
+def check_room(state: ServerState, jobs: int) -> None:
+    """Every engine request (prompt x n) counts against --max-queue, not one per API request."""
+    most = state.config.max_queue
+    if jobs > most:
+        raise APIError(400, f"this request makes {jobs} engine requests (prompts x n); at most {most} can "
+                            f"wait (--max-queue)", param="n")
+    if state.async_engine.waiting + jobs > most:
+        raise APIError(429, f"too many requests waiting ({most}); retry later")
+
+
+def prompt_token_limit(state: ServerState) -> int:
+    return state.config.max_prompt_tokens or state.max_model_len
+
+
+def check_chars(state: ServerState, chars: int, param: str) -> None:
+    """Refuse, untokenized, a text that cannot be within the prompt limit (or is absurd): more
+    characters than the limit times the longest token, or than MAX_CHARS_PER_TOKEN per token.
+    Tokenizing first let a few MB of prompt hold the process for seconds."""
+    limit = prompt_token_limit(state)
+    most = limit * min(state.longest_token_chars, MAX_CHARS_PER_TOKEN)
+    if chars > most:
+        raise APIError(400, f"the prompt has {chars} characters; a prompt of at most {limit} tokens is accepted, "
+                            f"and that is at most {most} characters here", param=param,
+                       code="context_length_exceeded")
+
+
+async def encode(state: ServerState, text: str, template: bool = False) -> list[int]:
+    """Token ids of `text` (a rendered chat template: no special tokens added); a long text on
+    a worker thread with the GIL released, so that other requests and streams go on."""
+    if len(text) <= RELEASE_GIL_CHARS:
+        return (state.encode_template if template else state.encode)(text)
+    return await asyncio.to_thread(state.encode_template_releasing if template else state.encode_releasing, text)
+
+
+async def tokenize_prompts(state: ServerState, prompt) -> list[list[int]]:
     if isinstance(prompt, str):
         prompt = [prompt]
+    if len(prompt) > state.config.max_prompts and not all(isinstance(p, int) for p in prompt):
+        raise APIError(400, f"at most {state.config.max_prompts} prompts per request (--max-prompts), "
+                            f"got {len(prompt)}", param="prompt")
     given_ids = True  # token ids from the client are range-checked; the tokenizer's need not be
     if prompt and all(isinstance(p, str) for p in prompt):
-        prompts, given_ids = [state.encode(p) for p in prompt], False
+        for p in prompt:
+            check_chars(state, len(p), "prompt")
+        prompts, given_ids = [await encode(state, p) for p in prompt], False
     elif prompt and all(isinstance(p, int) for p in prompt):
         prompts = [list(prompt)]
     elif prompt and all(isinstance(p, list) for p in prompt):
@@ -218,6 +263,33 @@ async def complete(state: ServerState, jobs: list[Job], adapter: str | None, mod
         raise APIError(500, failed[0].error or "the engine failed on this request")
 
 
+async def unless_client_leaves(request: Request, work) -> bool:
+    """Await `work`; False if the client hung up first, after cancelling it (which aborts its
+    engine requests): a non-streaming request must not run to max_tokens for nobody."""
+    task = asyncio.ensure_future(work)
+
+    async def hang_up():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    watcher = asyncio.ensure_future(hang_up())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():  # the client left, or this handler is cancelled (shutdown)
+            task.cancel()
+    if task in done:
+        task.result()  # its APIError, if it failed
+        return True
+    await asyncio.wait({task})  # its cancellation runs to the end: the engine requests are aborted
+    return False
+
+
+def client_gone() -> Response:
+    """What a request whose client left gets (sent to no one; 499 as nginx logs it)."""
+    return Response(status_code=499)
+
+
 def make_jobs(prefix: str, prompts: list[list[int]], params: SamplingParams, n: int) -> list[Job]:
     jobs = []
     for p, ids in enumerate(prompts):
@@ -289,17 +361,19 @@ async def completions(body: CompletionRequest, request: Request):
     arrival = time.monotonic()
     check_serving(state)
     adapter = adapter_for(state, body.model)
-    prompts = tokenize_prompts(state, body.prompt)
+    prompts = await tokenize_prompts(state, body.prompt)
     params = sampling_params(state, body, max(map(len, prompts)), body.max_tokens, 16, body.logprobs)
     for ids in prompts:
         check_fits(state, len(ids), params, adapter)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     jobs = make_jobs(request_id, prompts, params, body.n)
+    check_room(state, len(jobs))
     base = {"id": request_id, "object": "text_completion", "created": created, "model": body.model}
 
     if not body.stream:
-        await complete(state, jobs, adapter, body.model, arrival)
+        if not await unless_client_leaves(request, complete(state, jobs, adapter, body.model, arrival)):
+            return client_gone()
         choices = [{"index": j.index, "text": "".join(j.text), "finish_reason": finish_reason(j),
                     "logprobs": completion_logprobs(state, j.logprobs, 0) if body.logprobs is not None else None}
                    for j in jobs]
@@ -334,10 +408,11 @@ def chat_logprobs(state: ServerState, lps: list) -> dict:
                         for lp in lps]}
 
 
-def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+async def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     tok = state.tokenizer
     if not getattr(tok, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+    check_chars(state, sum(len(m.content or "") + len(m.name or "") for m in body.messages), "messages")
     messages = [m.model_dump(exclude_none=True, include={"role", "content", "name"}) for m in body.messages]
     try:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -349,7 +424,7 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
         log.exception("the chat template failed")  # a fault of the template or tokenizer: not for the client
         raise APIError(400, "the chat template cannot render these messages; see the server log",
                        param="messages") from None
-    return state.encode_template(text)
+    return await encode(state, text, template=True)
 
 
 @router.post("/v1/chat/completions")
@@ -358,7 +433,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     arrival = time.monotonic()
     check_serving(state)
     adapter = adapter_for(state, body.model)
-    prompt = chat_prompt(state, body)
+    prompt = await chat_prompt(state, body)
     if not prompt:
         raise APIError(400, "the rendered conversation is empty", param="messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -367,10 +442,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     check_fits(state, len(prompt), params, adapter)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     jobs = make_jobs(request_id, [prompt], params, body.n)
+    check_room(state, len(jobs))
     base = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model}
 
     if not body.stream:
-        await complete(state, jobs, adapter, body.model, arrival)
+        if not await unless_client_leaves(request, complete(state, jobs, adapter, body.model, arrival)):
+            return client_gone()
         choices = [{"index": j.index, "message": {"role": "assistant", "content": "".join(j.text)},
                     "finish_reason": finish_reason(j),
                     "logprobs": chat_logprobs(state, j.logprobs) if body.logprobs else None} for j in jobs]

@@ -3,9 +3,30 @@ name rather than silently ignored; unknown fields are ignored, as OpenAI clients
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+
+def _unicode(value: str) -> str:
+    # JSON may escape a lone surrogate ("\ud800"): no tokenizer, file system or UTF-8 encoder takes it
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (a lone surrogate such as \\ud800 is not)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # every plain string field of a request body
+
+
+def _unicode_in(value):
+    """_unicode over the strings of a union field (str, or a list of them), which pydantic's
+    per-branch errors would otherwise report as "Input should be a valid string"."""
+    for item in [value] if isinstance(value, str) else value if isinstance(value, list) else ():
+        if isinstance(item, str):
+            _unicode(item)
+    return value
 
 
 class _Body(BaseModel):
@@ -17,7 +38,7 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
-    model: str
+    model: Text
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
@@ -32,7 +53,9 @@ class _Sampling(_Body):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
+
+    _stop_text = field_validator("stop")(_unicode_in)
 
     def unsupported(self) -> str | None:
         """The first field set to something this server cannot do, or None."""
@@ -50,8 +73,10 @@ class CompletionRequest(_Sampling):
     prompt: Prompt
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
+
+    _prompt_text = field_validator("prompt")(_unicode_in)
 
     def unsupported(self) -> str | None:
         if self.echo:
@@ -65,19 +90,19 @@ class CompletionRequest(_Sampling):
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: str  # checked once joined (ChatMessage._flatten): a union's per-branch errors say less
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: Text | None = None
 
     @field_validator("content")
     @classmethod
     def _flatten(cls, v):
         # text parts are joined: templates of text-only models take a string
-        return "".join(p.text for p in v) if isinstance(v, list) else v
+        return _unicode_in("".join(p.text for p in v) if isinstance(v, list) else v)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -97,19 +122,19 @@ class ChatCompletionRequest(_Sampling):
 
 
 class RegisterAdapter(_Body):
-    name: str
-    path: str
+    name: Text
+    path: Text
     replace: bool = False
     pin: bool = False
 
 
 class MergeSource(_Body):
-    name: str
+    name: Text
     weight: float = 1.0
 
 
 class MergeAdapters(_Body):
-    name: str
+    name: Text
     method: Literal["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"]
     sources: list[MergeSource] = Field(min_length=1)
     rank: int | None = Field(default=None, ge=1)
@@ -121,7 +146,7 @@ class MergeAdapters(_Body):
 
 
 class ExportAdapter(_Body):
-    path: str
+    path: Text
 
 
 class PinAdapter(_Body):
@@ -129,10 +154,10 @@ class PinAdapter(_Body):
 
 
 class LoadLoraAdapter(_Body):       # vLLM's /v1/load_lora_adapter
-    lora_name: str
-    lora_path: str
+    lora_name: Text
+    lora_path: Text
 
 
 class UnloadLoraAdapter(_Body):     # vLLM's /v1/unload_lora_adapter
-    lora_name: str
+    lora_name: Text
     lora_int_id: int | None = None

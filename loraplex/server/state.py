@@ -25,7 +25,7 @@ from ..adapters.registry import AdapterRegistry, RegistryConfig
 from ..demo import ADAPTERS_DIR, MODEL_DIR, adapter_paths
 from ..engine.async_engine import AsyncEngine
 from ..engine.engine import Engine, EngineConfig
-from ..engine.fast_tokenizer import encoder
+from ..engine.fast_tokenizer import encoder, releasing_encoder
 from ..model.loader import load_model
 from .config import ServerConfig
 from .metrics import ServerMetrics, Snapshot
@@ -190,6 +190,12 @@ class ServerState:
         self.tokenizer = tokenizer
         self.encode = encoder(tokenizer)                                     # prompts
         self.encode_template = encoder(tokenizer, add_special_tokens=False)  # rendered chat templates
+        # the same, releasing the GIL: for long texts, on a worker thread (`openai_api.encode`)
+        self.encode_releasing = releasing_encoder(tokenizer)
+        self.encode_template_releasing = releasing_encoder(tokenizer, add_special_tokens=False)
+        # No token is longer than this in characters (a byte-level entry's length is its bytes):
+        # a text over limit x this many characters cannot fit and is refused before tokenizing.
+        self.longest_token_chars = max(map(len, tokenizer.get_vocab()), default=1)
 
     def _load_process(self, model_dir: Path) -> None:
         from transformers import AutoTokenizer

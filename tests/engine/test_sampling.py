@@ -35,7 +35,8 @@ def test_defaults_and_normalisation():
     ({"temperature": math.nan}, "temperature"),
     ({"temperature": math.inf}, "temperature"),
     ({"temperature": "hot"}, "temperature"),
-    ({"top_p": 0}, r"top_p must be in \(0, 1\], got 0"),
+    ({"top_p": 0}, r"top_p must be in \(0, 1\] and at least 1.18e-38 \(fp32\), got 0"),
+    ({"top_p": 1e-46}, r"top_p must be in \(0, 1\]"),  # > 0, but 0 in fp32
     ({"top_p": 1.5}, "top_p"),
     ({"top_p": math.nan}, "top_p"),
     ({"top_k": -2}, "top_k must be 0 .off. or an integer >= 1, got -2"),
@@ -46,6 +47,8 @@ def test_defaults_and_normalisation():
     ({"stop": ["ok", 3]}, "stop strings must be non-empty strings, got 3"),
     ({"stop": ["x"] * 17}, "at most 16"),
     ({"stop": 5}, "stop must be a string or a list"),
+    ({"stop": ["x" * 257]}, "at most 256 characters long, got one of 257"),
+    ({"stop_token_ids": list(range(1025))}, "stop_token_ids may hold at most 1024 ids, got 1025"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"stop_token_ids": [1.0]}, "stop_token_ids"),
     ({"ignore_eos": 1}, "ignore_eos"),
@@ -56,6 +59,12 @@ def test_defaults_and_normalisation():
 def test_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_stop_token_ids_are_kept_as_a_set():
+    """Checked for every generated token: a set, whatever collection the client gave."""
+    assert SamplingParams(stop_token_ids=[5, 3, 5]).stop_token_ids == frozenset({3, 5})
+    assert SamplingParams(top_p=torch.finfo(torch.float32).tiny).top_p > 0
 
 
 def test_sample_checks_shapes(device):
