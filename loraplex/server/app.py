@@ -10,7 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
 from . import admin_api, openai_api
-from .errors import error_body, install_error_handlers
+from .errors import CatchAll, error_body, install_error_handlers
 from .state import ServerState
 
 
@@ -68,10 +68,12 @@ def create_app(state: ServerState, start: bool = True) -> FastAPI:
     install_error_handlers(app, on_error=state.metrics.observe_error)
     app.include_router(openai_api.router)
     app.include_router(admin_api.router)
+    # outermost last: CORS (on every answer, errors too) -> CatchAll -> BodyLimit (its 413 is its own)
+    app.add_middleware(BodyLimit, limit=state.config.max_body_bytes, on_error=state.metrics.observe_error)
+    app.add_middleware(CatchAll, on_error=state.metrics.observe_error)
     if state.config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=state.config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
-    app.add_middleware(BodyLimit, limit=state.config.max_body_bytes, on_error=state.metrics.observe_error)
 
     @app.get("/health")
     async def health():

@@ -1,12 +1,17 @@
 """Errors in OpenAI's body: {"error": {"message", "type", "param", "code"}}, never a traceback.
 
 Routes raise `APIError`; FastAPI's own errors (validation 422, unknown route, wrong method)
-and anything unexpected are turned into the same body by the handlers installed here.
+and anything unexpected are turned into the same body by the handlers installed here. An
+unexpected exception is answered by `CatchAll`, inside Starlette's outermost middleware, so
+that it does not reach uvicorn: the connection stays usable (uvicorn resets it after an
+exception), and the log gets one line (`log_unexpected`), not a traceback twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import traceback
 import uuid
 
 from fastapi import FastAPI, Request
@@ -67,8 +72,45 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException):
         return answer(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        ref = f"err-{uuid.uuid4().hex[:16]}"  # the log line's id: the exception's text is not for the client
-        log.error("unexpected error on %s %s (request %s)", request.method, request.url.path, ref, exc_info=exc)
-        return answer(500, internal_error("internal server error", ref))
+
+
+def log_unexpected(what: str, ref: str, exc: BaseException) -> None:
+    """One line for an unexpected error: what failed, its id for the client, the exception
+    and where it was raised; the traceback only at debug level."""
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" at {frame.filename}:{frame.lineno}" if frame else ""
+    log.error("%s (%s): %s: %.300s%s", what, ref, type(exc).__name__, exc, where)
+    log.debug("traceback of %s", ref, exc_info=exc)
+
+
+class CatchAll:
+    """ASGI middleware: an exception no handler took becomes a 500 in the API's error body
+    (or, once a response has started, the end of its body), and is logged in one line."""
+
+    def __init__(self, app, on_error=None):
+        self.app, self.on_error = app, on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as exc:
+            ref = f"err-{uuid.uuid4().hex[:16]}"  # the log line's id: the exception's text is not for the client
+            log_unexpected(f"unexpected error on {scope.get('method')} {scope.get('path')}", ref, exc)
+            if self.on_error is not None:
+                self.on_error(500)
+            if started:  # too late for a status: end the body so the connection stays in step
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            body = json.dumps(error_body(500, internal_error("internal server error", ref))).encode()
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})

@@ -28,7 +28,7 @@ from ..engine.request import FinishReason, RequestOutput
 from ..engine.sampling import SEED_MAX, SamplingParams
 from . import sse
 from .auth import is_admin, require_api_key
-from .errors import APIError, error_body
+from .errors import APIError, error_body, log_unexpected
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .state import ServerState
 
@@ -224,8 +224,8 @@ async def run_jobs(state: ServerState, jobs: list[Job], adapter: str | None, mod
 
 def as_api_error(exc: Exception, request_id: str) -> APIError:
     """The client's error for `exc`. Our own errors keep their message; anything else is logged
-    with its traceback under `request_id`, and the client gets only that id (the exception's
-    text can hold server paths)."""
+    (one line) under `request_id`, and the client gets only that id (the exception's text can
+    hold server paths)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, UnknownAdapterError):
@@ -234,7 +234,7 @@ def as_api_error(exc: Exception, request_id: str) -> APIError:
         return APIError(400, str(exc))
     if isinstance(exc, EngineStoppedError):
         return APIError(503, str(exc))
-    log.error("request %s failed", request_id, exc_info=exc)
+    log_unexpected("request failed", request_id, exc)
     return APIError(500, internal_error("internal error", request_id))
 
 
