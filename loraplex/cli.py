@@ -118,7 +118,10 @@ def serve(args: argparse.Namespace) -> int:
 
     The model loads in the background after the port is bound: /health answers at once,
     /ready once the model is loaded and warmed. SIGTERM (or Ctrl-C) stops admitting requests
-    (503), gives running ones --shutdown-timeout seconds, aborts the rest and exits 0."""
+    (503, while still listening), gives running ones --shutdown-timeout seconds, aborts the
+    rest (their responses end with finish reason abort) and exits 0; a second signal stops at
+    once."""
+    import asyncio
     import logging
     import signal
 
@@ -137,8 +140,29 @@ def serve(args: argparse.Namespace) -> int:
     state = ServerState(config)
 
     class Server(uvicorn.Server):
+        """uvicorn, whose first SIGTERM/SIGINT drains before the socket closes: new requests get
+        503 (and /ready 503, so balancers move away) while running ones have --shutdown-timeout
+        to finish; those left are aborted and still end properly. Only then does uvicorn stop
+        listening and shut down. A second signal stops at once (uvicorn's own shutdown)."""
+
+        drains: list[asyncio.Task] = []
+
         def handle_exit(self, sig, frame):
-            state.draining = True  # new requests get 503 while running ones finish
+            if state.draining:  # a second signal (or shutting down anyway): stop now
+                return self.stop(sig, frame)
+            state.draining = True
+            try:
+                loop = asyncio.get_running_loop()  # the signal interrupts the server's loop
+            except RuntimeError:  # not serving yet, or any more
+                return self.stop(sig, frame)
+            # from a signal handler: through the thread-safe call, which also wakes the loop
+            loop.call_soon_threadsafe(lambda: self.drains.append(loop.create_task(self.drain_then_stop(sig, frame))))
+
+        async def drain_then_stop(self, sig, frame):
+            await state.drain(config.shutdown_timeout)
+            self.stop(sig, frame)
+
+        def stop(self, sig, frame):
             super().handle_exit(sig, frame)
             # uvicorn re-raises the signal after its graceful shutdown, so the process would
             # die of SIGTERM; a drained SIGTERM is a clean stop: exit 0
@@ -146,8 +170,9 @@ def serve(args: argparse.Namespace) -> int:
             if sig == signal.SIGTERM and captured and captured[-1] == sig:
                 captured.pop()
 
+    # connections still open after the drain are idle or finishing their last bytes
     server = Server(uvicorn.Config(create_app(state), host=config.host, port=config.port,
-                                   log_level=config.log_level, timeout_graceful_shutdown=config.shutdown_timeout))
+                                   log_level=config.log_level, timeout_graceful_shutdown=5))
     server.run()
     return 0 if state.failed is None else 1
 

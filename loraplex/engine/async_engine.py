@@ -372,6 +372,11 @@ class AsyncEngine:
         """Run `command` on the engine thread between steps (errors are logged)."""
         self._commands.put(command)
 
+    def abort_all(self) -> None:
+        """End every request between steps, with finish reason abort (the drain's time ran out);
+        each still gets its last output, so its stream ends as streams do."""
+        self._commands.put(self.engine.abort_all)
+
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         """One request's outputs until the one with `finished` set (see `submit`)."""

@@ -200,6 +200,8 @@ class EngineServer:
         elif kind == "abort":
             doomed = message[1]
             self.async_engine.post(lambda: [self.async_engine.engine.abort(r) for r in doomed])
+        elif kind == "abort_all":
+            self.async_engine.abort_all()
         elif kind == "call":
             self.calls.submit(self.run_call, *message[1:])
         else:
@@ -323,6 +325,10 @@ class EngineClient:
                     self._send(("abort", list(unfinished)))
                 except EngineStoppedError:  # it stopped meanwhile: nothing left to abort
                     pass
+
+    def abort_all(self) -> None:
+        """AsyncEngine.abort_all, in the engine process."""
+        self._send(("abort_all",))
 
     def _read_out(self) -> None:
         """On the event loop: every out message waiting, each one engine hand-off."""

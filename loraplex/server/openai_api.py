@@ -198,6 +198,8 @@ async def run_jobs(state: ServerState, jobs: list[Job], adapter: str | None, mod
     jobs' engine requests."""
     by_id = {job.request_id: job for job in jobs}
     metrics = state.metrics
+    state.active_jobs += len(jobs)  # what a drain waits for
+    left_early = True               # until the last output, or an error: the client hung up
     try:
         async for batch in state.async_engine.submit([(j.request_id, j.prompt_ids, j.params) for j in jobs], adapter):
             now = time.monotonic()
@@ -218,8 +220,17 @@ async def run_jobs(state: ServerState, jobs: list[Job], adapter: str | None, mod
                                             None if job.first_token is None else job.first_token - arrival)
                 pairs.append((job, out))
             yield pairs
+        left_early = False
     except Exception as exc:  # the adapter vanished before admission, the engine stopped
+        left_early = False
         raise as_api_error(exc, jobs[0].request_id) from None
+    finally:
+        state.active_jobs -= len(jobs)
+        if left_early:  # its unfinished jobs were aborted: count them, as the engine's aborts are
+            now = time.monotonic()
+            for job in (j for j in jobs if j.finish is None):
+                metrics.observe_request(model, "abort", len(job.prompt_ids), job.tokens, now - arrival, None,
+                                        None if job.first_token is None else job.first_token - arrival)
 
 
 def as_api_error(exc: Exception, request_id: str) -> APIError:

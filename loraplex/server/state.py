@@ -129,6 +129,7 @@ class ServerState:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = threading.Event()
         self.draining = False
+        self.active_jobs = 0                  # engine requests the API is waiting on (openai_api.run_jobs)
         self.started_at = time.time()
         self.failed: str | None = None        # why startup failed, if it did
         self.adapter_roots = [Path(r).resolve() for r in config.adapter_roots]
@@ -216,6 +217,20 @@ class ServerState:
             raise
         self.registry = RegistryClient(client)
         self.max_model_len, self.vocab_size = info["max_model_len"], info["vocab_size"]
+
+    async def drain(self, timeout: float) -> None:
+        """SIGTERM's first part (new work already gets 503): wait up to `timeout` seconds for
+        the running requests; then end those left with finish reason abort, so that each
+        response still closes properly (a stream with its last chunk and [DONE])."""
+        deadline = time.monotonic() + timeout
+        while self.active_jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.active_jobs and self.async_engine is not None and self.async_engine.running:
+            log.warning("shutdown: %d requests still running after %gs; aborting them", self.active_jobs, timeout)
+            self.async_engine.abort_all()
+            deadline = time.monotonic() + 10  # their last outputs, through to the clients
+            while self.active_jobs and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
 
     def shutdown(self) -> None:
         self.draining = True

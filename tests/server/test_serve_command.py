@@ -97,25 +97,31 @@ def test_help_documents_every_flag():
     assert "LORAPLEX_ENFORCE_EAGER=1" in text and "LORAPLEX_MAX_NUM_BATCHED_TOKENS" in text
 
 
-def test_sigterm_finishes_running_streams_then_exits_zero(tmp_path):
-    make_model(tmp_path / "base", "llama")
+def start_serving(model_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`loraplex serve` on the CPU references, once /ready answers 200: (process, base URL)."""
     port = free_port()
     env = {**os.environ, "LORAPLEX_KERNELS": "reference", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "loraplex.cli", "serve", "--model", str(tmp_path / "base"),
-                             "--port", str(port), "--device", "cpu", "--dtype", "fp32", "--kv-cache-tokens", "512",
-                             "--log-level", "warning", "--shutdown-timeout", "30"],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "loraplex.cli", "serve", "--model", str(model_dir),
+                             "--port", str(port), "--device", "cpu", "--dtype", "fp32", "--log-level", "warning",
+                             *flags], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(url + "/ready").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(proc.stdout.read())
+        time.sleep(0.1)
+
+
+def test_sigterm_finishes_running_streams_then_exits_zero(tmp_path):
+    make_model(tmp_path / "base", "llama")
+    proc, url = start_serving(tmp_path / "base", "--kv-cache-tokens", "512", "--shutdown-timeout", "30")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-            time.sleep(0.1)
         body = {"model": "base", "prompt": PROMPT, "max_tokens": 40, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
@@ -124,6 +130,36 @@ def test_sigterm_finishes_running_streams_then_exits_zero(tmp_path):
             rest = [line for line in lines if line.startswith("data:")]
         assert rest[-1] == "data: [DONE]" and '"finish_reason":"length"' in rest[-2]
         assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_the_drain_keeps_answering_503_and_ends_cut_streams_properly(tmp_path):
+    """The socket used to close at SIGTERM (connection refused, never a 503 for a balancer),
+    and streams still running at --shutdown-timeout were cut mid-body with a traceback each."""
+    make_model(tmp_path / "base", "llama", max_position_embeddings=4096)
+    proc, url = start_serving(tmp_path / "base", "--kv-cache-tokens", "8192", "--shutdown-timeout", "2")
+    try:
+        body = {"model": "base", "prompt": PROMPT, "max_tokens": 4000, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            ready = httpx.get(url + "/ready", timeout=10)  # still listening
+            assert ready.status_code == 503 and ready.json()["status"] == "draining"
+            refused = httpx.post(url + "/v1/completions", json={"model": "base", "prompt": PROMPT}, timeout=10)
+            assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+            rest = [line for line in lines if line.startswith("data:")]
+        assert time.monotonic() - signalled >= 1.5  # it ran on through the drain window
+        assert rest[-1] == "data: [DONE]" and '"finish_reason":"abort"' in rest[-2], rest[-3:]
+        assert proc.wait(60) == 0
+        output = proc.stdout.read()
+        assert "Traceback" not in output and "CancelledError" not in output, output
+        with pytest.raises(httpx.TransportError):  # and only then closed
+            httpx.get(url + "/health", timeout=5)
     finally:
         if proc.poll() is None:
             proc.kill()
