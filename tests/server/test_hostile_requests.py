@@ -119,11 +119,23 @@ def test_a_lone_surrogate_is_a_400(server, path, body):
     still_serves(server)
 
 
-def test_a_non_streaming_request_whose_client_leaves_is_aborted(server):
-    """It used to run to max_tokens for nobody (32 sequences for 11 s in the report)."""
+def aborted_total(server) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server["url"] + "/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "loraplex_requests_total" and s.labels.get("finish_reason") == "abort")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_whose_client_leaves_is_aborted_and_counted(server, stream):
+    """Non-streaming, it used to run to max_tokens for nobody (32 sequences for 11 s in the
+    report); streaming or not, it was not counted in loraplex_requests_total."""
     state = server["state"]
     assert engine_idle(state)
-    body = json.dumps({"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4000, "n": 4, "ignore_eos": True}).encode()
+    aborted = aborted_total(server)
+    body = json.dumps({"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4000, "n": 4, "ignore_eos": True,
+                       "stream": stream}).encode()
     host, port = server["url"].removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -137,6 +149,10 @@ def test_a_non_streaming_request_whose_client_leaves_is_aborted(server):
     while not engine_idle(state) and time.monotonic() - left < 5:
         time.sleep(0.02)
     assert engine_idle(state), state.snapshot()
+    deadline = time.monotonic() + 5
+    while aborted_total(server) < aborted + 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert aborted_total(server) == aborted + 4
     still_serves(server)
 
 
