@@ -10,6 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
 from . import admin_api, openai_api
+from .auth import require_metrics_key
 from .errors import CatchAll, error_body, install_error_handlers
 from .state import ServerState
 
@@ -99,7 +100,7 @@ def create_app(state: ServerState, start: bool = True) -> FastAPI:
         return Response(json.dumps({"status": status, "error": error}), status_code=503,
                         media_type="application/json")
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[require_metrics_key])
     def metrics():
         # a plain def runs in the thread pool: routers scrape often, the event loop keeps streaming
         body, content_type = state.metrics.render()

@@ -51,5 +51,17 @@ async def _admin_key(request: Request) -> None:
                        code="invalid_api_key")
 
 
+async def _metrics_key(request: Request) -> None:
+    # off by default, as Prometheus scrapes expect; the admin key opens it too
+    config = request.app.state.loraplex.config
+    if config.metrics_key is None:
+        return
+    token = _bearer(request)
+    if not _matches(token, [config.metrics_key]) and not (config.admin_key and _matches(token, [config.admin_key])):
+        raise APIError(401, "missing or invalid metrics key: send 'Authorization: Bearer <metrics key>'",
+                       code="invalid_api_key")
+
+
 require_api_key = Depends(_api_key)
 require_admin = Depends(_admin_key)
+require_metrics_key = Depends(_metrics_key)

@@ -40,6 +40,7 @@ class ServerConfig:
     adapter_roots: list[str] = field(default_factory=list)
     api_keys: list[str] = field(default_factory=list)
     admin_key: str | None = None
+    metrics_key: str | None = None               # None = /metrics is open (it names every adapter)
     allow_unauthenticated_admin: bool = False
     cors_origins: list[str] = field(default_factory=list)
     max_body_bytes: int = 4 << 20
@@ -57,7 +58,7 @@ class ServerConfig:
             raise ValueError(f"--async-scheduling must be auto, on or off, got {self.async_scheduling!r}")
         if self.admin_key is not None and self.admin_key in self.api_keys:
             raise ValueError("--admin-key must differ from every --api-key")
-        if any(not k for k in [*self.api_keys, *([self.admin_key] if self.admin_key is not None else [])]):
+        if any(not k for k in [*self.api_keys, *(k for k in (self.admin_key, self.metrics_key) if k is not None)]):
             raise ValueError("API and admin keys must not be empty")
         for name in ("max_gpu_adapters", "max_host_adapters", "max_rank", "max_body_bytes", "max_tokens_limit",
                      "max_n", "max_prompts", "max_queue", "max_num_seqs", "max_num_batched_tokens"):
@@ -152,6 +153,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     flag("api-key", "key required on /v1/* as 'Authorization: Bearer KEY'; none = /v1/* is open",
          repeat=True, metavar="KEY")
     flag("admin-key", "key required on admin routes, distinct from the API keys", metavar="KEY")
+    flag("metrics-key", "key required on /metrics ('Authorization: Bearer KEY'; the admin key works too); "
+                        "none = /metrics is open, as Prometheus scrapes expect, and it names every adapter",
+         metavar="KEY")
     switch("allow-unauthenticated-admin", "without --admin-key, leave admin routes open instead of answering "
                                           "403, only on a trusted network")
     flag("cors-origin", "allowed CORS origin ('*' for any); none = no CORS headers", repeat=True, metavar="ORIGIN")
@@ -183,7 +187,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         engine_process=not args.engine_in_process,
         max_gpu_adapters=args.max_gpu_adapters,
         max_host_adapters=args.max_host_adapters, max_rank=args.max_rank, adapter_roots=listed("adapter_root"),
-        api_keys=listed("api_key"), admin_key=args.admin_key,
+        api_keys=listed("api_key"), admin_key=args.admin_key, metrics_key=args.metrics_key,
         allow_unauthenticated_admin=args.allow_unauthenticated_admin, cors_origins=listed("cors_origin"),
         max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_limit=args.max_tokens_limit, max_n=args.max_n, max_prompts=args.max_prompts,

@@ -177,3 +177,21 @@ def test_after_a_500_the_connection_stays_usable_and_the_log_has_one_line(server
         monkeypatch.undo()
         again = client.post("/v1/completions", json=body)  # the same kept-alive connection
         assert again.status_code == 200, again.text
+
+
+def test_metrics_can_be_put_behind_a_key():
+    """/metrics names every adapter: --metrics-key closes it (the admin key opens it too)."""
+    from starlette.testclient import TestClient
+
+    from loraplex.server.app import create_app
+    from loraplex.server.state import ServerState
+
+    open_app = TestClient(create_app(ServerState(ServerConfig(device="cpu")), start=False))
+    assert open_app.get("/metrics").status_code == 200  # the default, as Prometheus expects
+    closed = TestClient(create_app(ServerState(ServerConfig(device="cpu", metrics_key="m-key", admin_key="a-key")),
+                                   start=False))
+    r = closed.get("/metrics")
+    assert r.status_code == 401 and "metrics key" in r.json()["error"]["message"]
+    assert closed.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    for key in ("m-key", "a-key"):
+        assert closed.get("/metrics", headers={"Authorization": f"Bearer {key}"}).status_code == 200
