@@ -17,11 +17,11 @@ from ..adapters.peft_format import AdapterError
 from ..adapters.registry import AdapterExistsError, RegistryBusyError
 from ..engine.adapters import UnknownAdapterError
 from .auth import require_admin
-from .errors import APIError
+from .errors import APIError, documented_errors
 from .schemas import ExportAdapter, LoadLoraAdapter, MergeAdapters, PinAdapter, RegisterAdapter, UnloadLoraAdapter
 from .state import AdapterPathError, ServerState
 
-router = APIRouter(dependencies=[require_admin])
+router = APIRouter(dependencies=[require_admin], responses=documented_errors(400, 401, 403, 404, 409, 413, 500, 503))
 
 
 def _state(request: Request) -> ServerState:

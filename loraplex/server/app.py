@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from .. import __version__
 from . import admin_api, openai_api
 from .auth import require_metrics_key
-from .errors import CatchAll, error_body, install_error_handlers
+from .errors import CatchAll, document_real_statuses, error_body, install_error_handlers
 from .state import ServerState
 
 
@@ -67,6 +67,7 @@ def create_app(state: ServerState, start: bool = True) -> FastAPI:
     app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan)
     app.state.loraplex = state
     install_error_handlers(app, on_error=state.metrics.observe_error)
+    document_real_statuses(app)
     app.include_router(openai_api.router)
     app.include_router(admin_api.router)
     # outermost last: CORS (on every answer, errors too) -> CatchAll -> BodyLimit (its 413 is its own)

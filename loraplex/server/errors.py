@@ -15,6 +15,7 @@ import traceback
 import uuid
 
 from fastapi import FastAPI, Request
+from pydantic import BaseModel
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,6 +30,53 @@ ERROR_TYPES = {
     413: "invalid_request_error", 429: "rate_limit_error", 500: "internal_error",
     503: "service_unavailable",
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error's body (the schema in /openapi.json)."""
+
+    error: ErrorDetail
+
+
+STATUSES = {
+    400: "bad parameters, a malformed body (never 422) or prompt + max_tokens beyond the context "
+         "(code context_length_exceeded)",
+    401: "missing or invalid key",
+    403: "admin routes disabled (no --admin-key), or a path outside the adapter roots",
+    404: "unknown model or adapter",
+    409: "the adapter name exists, the pin limit is reached, or the registry is busy",
+    413: "body over --max-body-bytes",
+    429: "--max-queue engine requests are waiting",
+    500: "an internal error; the message names the log line",
+    503: "loading, shutting down (draining), or the engine has stopped",
+}
+
+
+def documented_errors(*statuses: int) -> dict:
+    """`responses=` for FastAPI: these statuses with the error body."""
+    return {status: {"model": ErrorBody, "description": STATUSES[status]} for status in statuses}
+
+
+def document_real_statuses(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every route with a body; this server answers 400 instead."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        schema = generate()  # cached by FastAPI after the first call: edited once
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+    app.openapi = openapi
 
 
 class APIError(Exception):

@@ -28,12 +28,12 @@ from ..engine.request import FinishReason, RequestOutput
 from ..engine.sampling import SEED_MAX, SamplingParams
 from . import sse
 from .auth import is_admin, require_api_key
-from .errors import APIError, error_body, log_unexpected
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .errors import APIError, documented_errors, error_body, log_unexpected
+from .schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
 from .state import ServerState
 
 log = logging.getLogger("loraplex.server")
-router = APIRouter(dependencies=[require_api_key])
+router = APIRouter(dependencies=[require_api_key], responses=documented_errors(400, 401, 404, 413, 429, 500, 503))
 
 MAX_CHARS_PER_TOKEN = 32    # a prompt averaging more characters per token is refused before tokenizing
 RELEASE_GIL_CHARS = 16_384  # longer texts are tokenized on a worker thread, with the GIL released
@@ -366,7 +366,13 @@ def completion_logprobs(state: ServerState, lps: list, offset: int) -> dict:
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-@router.post("/v1/completions")
+def ok_or_stream(model) -> dict:
+    return {200: {"model": model, "description": "the result; with `stream`, server-sent events of chunks "
+                                                  "(`data: {chunk}`, last `data: [DONE]`)",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+@router.post("/v1/completions", responses=ok_or_stream(CompletionResponse))
 async def completions(body: CompletionRequest, request: Request):
     state = state_of(request)
     arrival = time.monotonic()
@@ -438,7 +444,7 @@ async def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[i
     return await encode(state, text, template=True)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=ok_or_stream(ChatCompletionResponse))
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = state_of(request)
     arrival = time.monotonic()

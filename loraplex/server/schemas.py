@@ -161,3 +161,49 @@ class LoadLoraAdapter(_Body):       # vLLM's /v1/load_lora_adapter
 class UnloadLoraAdapter(_Body):     # vLLM's /v1/unload_lora_adapter
     lora_name: Text
     lora_int_id: int | None = None
+
+
+# -- responses (documented in /openapi.json; the routes build them as plain dicts) --------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length", "abort"] | None
+    logprobs: dict | None = None  # tokens, token_logprobs, top_logprobs, text_offset
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length", "abort"] | None
+    logprobs: dict | None = None  # content: [{token, logprob, bytes, top_logprobs}]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage

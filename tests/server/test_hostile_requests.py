@@ -195,3 +195,18 @@ def test_metrics_can_be_put_behind_a_key():
     assert closed.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
     for key in ("m-key", "a-key"):
         assert closed.get("/metrics", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_the_openapi_schema_lists_the_real_statuses(server):
+    schema = httpx.get(server["url"] + "/openapi.json").json()
+    assert '"422"' not in json.dumps(schema) and "HTTPValidationError" not in schema["components"]["schemas"]
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert set(responses) == {"200", "400", "401", "404", "413", "429", "500", "503"}, path
+        assert all(responses[s]["content"]["application/json"]["schema"] == error_ref for s in responses if s != "200")
+        assert "text/event-stream" in responses["200"]["content"]
+        assert "choices" in json.dumps(schema["components"]["schemas"][
+            responses["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]])
+    admin = schema["paths"]["/admin/adapters"]["post"]["responses"]
+    assert {"400", "401", "403", "404", "409", "413", "503"} <= set(admin)
