@@ -56,6 +56,10 @@ MERGE_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 _SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties")
 _USE_DENSITY = ("ties", "dare_linear", "dare_ties")
 _SIGN_METHODS = ("total", "frequency")
+# Every source is worked on as float32 on the CPU, and the result is as large again (cat):
+# this bounds the sources' float32 bytes, so one request cannot exhaust host memory.
+MAX_MERGE_BYTES = 8 << 30
+MAX_MERGE_SOURCES = 64
 
 
 class MergeError(AdapterError):
@@ -71,15 +75,18 @@ def merge_adapters(
     majority_sign_method: str = "total",
     seed: int = 0,
     max_rank: int | None = None,
+    max_bytes: int = MAX_MERGE_BYTES,
 ) -> LoRAAdapter:
     """A new adapter merging `sources` (adapter, weight) with `method` (see the module doc).
 
     `rank`: svd's output rank (default: the largest source rank). `density` in (0, 1]: the
     fraction kept by ties / dare_*. `seed`: dare's random masks. `max_rank`: refuse a result
-    with a module above this rank. Sources are not modified; everything is checked first.
+    with a module above this rank. `max_bytes`: refuse sources larger than this as float32.
+    Sources are not modified; everything is checked first.
     """
     weights = _check_options(sources, method, rank, density, majority_sign_method, seed, max_rank)
     adapters = [adapter for adapter, _ in sources]
+    check_merge_size(len(adapters), sum(_fp32_bytes(adapter) for adapter in adapters), max_bytes)
     # what was asked, for the result's config
     settings = {"method": method, "weights": weights, "rank": rank, "density": density}
     if method in ("ties", "dare_ties"):
@@ -121,6 +128,21 @@ def merge_adapters(
 # ----------------------------------------------------------------------------------------
 # Checks: all of them run before any merging
 # ----------------------------------------------------------------------------------------
+
+
+def check_merge_size(num_sources: int, nbytes: int, max_bytes: int = MAX_MERGE_BYTES) -> None:
+    """Refuse a merge of too many or too large sources; callable before they are read."""
+    if num_sources > MAX_MERGE_SOURCES:
+        raise MergeError(f"a merge takes at most {MAX_MERGE_SOURCES} sources, found {num_sources}")
+    if nbytes > max_bytes:
+        raise MergeError(
+            f"the sources hold {nbytes} bytes as float32, more than the merge limit of {max_bytes} "
+            "bytes; merge fewer or smaller adapters"
+        )
+
+
+def _fp32_bytes(adapter: LoRAAdapter) -> int:
+    return sum(4 * (m.a.numel() + m.b.numel()) for m in adapter.modules.values())
 
 
 def _is_int(x: object) -> bool:

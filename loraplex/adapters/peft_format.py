@@ -10,7 +10,7 @@ before a tensor reaches the GPU, so a bad adapter fails at load time with a mess
 the key or field, never mid-request. Semantics follow peft 0.21; the subtle parts:
 
 - Which modules a config targets (`_is_targeted`) and the rank / alpha a module gets
-  (`_pattern_value`) follow peft's `check_target_module_exists` and `get_pattern_key`,
+  (`_PatternKeys.value`) follow peft's `check_target_module_exists` and `get_pattern_key`,
   applied to the module's path inside `LlamaForCausalLM` ("model.layers.3.self_attn.q_proj").
 - `fan_in_fan_out` is ignored: peft forces it to False for `nn.Linear` targets (every Llama
   projection), so lora_A is always [r, in_features] and lora_B [out_features, r].
@@ -36,13 +36,19 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .safe_files import BadPathError, OpenFile, OutsideRootsError, check_path_text, open_file, resolve_inside
+from .safe_regex import Budget, SafePattern, UnsafePatternError, compile_pattern
 
 # Same list as loraplex.model.config.LINEAR_NAMES, kept here so adapters/ does not depend on model/.
 LINEAR_NAMES = (
@@ -67,6 +73,11 @@ _MODULE_RE = re.compile(r"layers\.(0|[1-9][0-9]*)\.(.+)")
 _DEFAULT_TARGETS = ("q_proj", "v_proj")
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _MAX_CONFIG_BYTES = 1 << 20
+_MAX_KEY_CHARS = 256
+# peft's configs nest 3 deep; json.loads would hit RecursionError (a 500) near 1000
+_MAX_CONFIG_DEPTH = 32
+# |alpha / r| beyond this is no trained adapter, and near float max it overflows in the slot
+MAX_SCALING = 1e4
 _SCALING_METADATA = "loraplex.scaling"
 _CONVERT_HINT = (
     'python -c "import torch, safetensors.torch as st; st.save_file(torch.load('
@@ -92,6 +103,13 @@ _REFUSED_FIELDS = {
     "megatron_config": "Megatron parallel layers",
 }
 _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+# peft's PeftType names: a wrong peft_type is shown only if it is one of these
+_PEFT_TYPES = (
+    "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADALORA", "BOFT",
+    "ADAPTION_PROMPT", "IA3", "LOHA", "LOKR", "OFT", "POLY", "LN_TUNING", "VERA", "FOURIERFT",
+    "XLORA", "HRA", "VBLORA", "CPT", "BONE", "MISS", "RANDLORA", "TRAINABLE_TOKENS", "SHIRA", "C3A",
+    "ROAD", "WAVEFT", "DELORA", "GRALORA",
+)
 
 
 class AdapterError(ValueError):
@@ -180,76 +198,151 @@ class LoRAAdapter:
 
 @dataclass(frozen=True)
 class _LoraSettings:
-    """The parts of a LoraConfig that decide which modules exist and their rank / scaling."""
+    """The parts of a LoraConfig that decide which modules exist and their rank / scaling.
+
+    Every pattern is checked and compiled once, when the config is read, and matched with
+    `safe_regex` (no backtracking) under one `budget` for the whole adapter.
+    """
 
     r: int
     alpha: float
     use_rslora: bool
-    rank_pattern: dict[str, int]
-    alpha_pattern: dict[str, float]
-    target_modules: str | tuple[str, ...]  # regex string (or "all-linear") or names
-    exclude_modules: str | tuple[str, ...] | None
+    rank_pattern: _PatternKeys
+    alpha_pattern: _PatternKeys
+    target_modules: SafePattern | str | tuple[str, ...]  # a regex, "all-linear", or names
+    exclude_modules: SafePattern | tuple[str, ...] | None
     layers_to_transform: int | tuple[int, ...] | None
-    layers_pattern: tuple[str, ...]
+    layers_pattern: tuple[SafePattern, ...]  # each already wrapped as peft wraps it
+    budget: Budget = field(default_factory=Budget, compare=False)
+    # module name -> (rank, alpha): read twice per module, matched once
+    _memo: dict = field(default_factory=dict, compare=False)
+
+
+def _kind(value: Any) -> str:
+    """What a config value is, never the value itself: the file may not be the adapter's."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else "true/false"
+    for types, name in ((int, "an integer"), (float, "a number"), (str, "a string"), (list, "a list"),
+                        (dict, "an object")):
+        if isinstance(value, types):
+            return name
+    return type(value).__name__
 
 
 def _field_error(name: str, expected: str, found: Any) -> AdapterError:
-    return AdapterError(f"{CONFIG_NAME} field {name!r}: expected {expected}, found {found!r}")
+    return AdapterError(f"{CONFIG_NAME} field {name!r}: expected {expected}, found {_kind(found)}")
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 def _is_pos_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
-def _checked_regex(name: str, pattern: str) -> str:
+def _checked_regex(name: str, pattern: str) -> SafePattern:
     try:
-        re.compile(pattern)
-    except re.error as e:
-        raise _field_error(name, "a valid regular expression", pattern) from e
-    return pattern
+        return compile_pattern(pattern)
+    except UnsafePatternError as e:  # says why, never echoes the pattern
+        raise AdapterError(f"{CONFIG_NAME} field {name!r}: refused regular expression: {e}") from None
 
 
 def _str_or_names(config: dict, name: str) -> str | tuple[str, ...] | None:
     value = config.get(name)
     if value is None or isinstance(value, str):
-        return value if value is None else _checked_regex(name, value)
+        return value
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise _field_error(name, "a string, a list of strings or null", value)
 
 
-def _parse_settings(config: dict) -> _LoraSettings:
-    """Validate the config: refuse what cannot be served, keep what shapes the modules."""
+def _regex_or_names(config: dict, name: str) -> SafePattern | tuple[str, ...] | None:
+    value = _str_or_names(config, name)
+    return _checked_regex(name, value) if isinstance(value, str) else value
+
+
+@dataclass(frozen=True)
+class _PatternKeys:
+    """rank_pattern / alpha_pattern, checked and compiled once.
+
+    peft takes the value of the first key (in config order) that matches a dotted suffix of
+    the module path, as the regex rf"(.*\.)?({key})$". A plain name (letters, digits, _ and
+    escaped dots: what write_peft_adapter writes, and most configs) can only match one of the
+    path's few dotted suffixes, so those are looked up; only real regexes are matched.
+    """
+
+    values: tuple  # by position in the config
+    plain: dict[str, int]  # a plain key's name (dots unescaped) -> its first position
+    regexes: tuple[tuple[int, SafePattern], ...]  # (position, wrapped pattern) in order
+    exact: dict[str, Any]  # peft's fallback: a key equal to the whole path
+
+    def value(self, name: str, default: Any, budget: Budget) -> Any:
+        parts = name.split(".")
+        suffixes = (".".join(parts[i:]) for i in range(len(parts)))
+        first_plain = min((self.plain[x] for x in suffixes if x in self.plain), default=len(self.values))
+        for position, regex in self.regexes:
+            if position > first_plain:
+                break
+            if regex.match(name, budget):
+                return self.values[position]
+        if first_plain < len(self.values):
+            return self.values[first_plain]
+        return self.exact.get(name, default)
+
+
+def _pattern_keys(config: dict, name: str, valid, expected: str) -> _PatternKeys:
+    patterns = config.get(name) or {}
+    if not isinstance(patterns, dict) or not all(valid(v) for v in patterns.values()):
+        raise _field_error(name, expected, patterns)
+    plain, regexes = {}, []
+    for position, key in enumerate(patterns):
+        if re.fullmatch(r"(?:[A-Za-z0-9_]|\\\.)+", key):  # e.g. re.escape("layers.0.q_proj")
+            plain.setdefault(key.replace("\\.", "."), position)
+        else:
+            regexes.append((position, _checked_regex(name, rf"(.*\.)?({key})$")))
+    return _PatternKeys(tuple(patterns.values()), plain, tuple(regexes), dict(patterns))
+
+
+def _refuse_unsupported(config: dict) -> None:
+    """LoRA variants, base-rewriting inits and other tasks, which cannot be served."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
+        # a known peft type is shown; anything else is described, not echoed
+        found = repr(peft_type) if peft_type in _PEFT_TYPES else _kind(peft_type)
         raise AdapterError(
-            f"{CONFIG_NAME} field 'peft_type': expected 'LORA', found {peft_type!r}; "
+            f"{CONFIG_NAME} field 'peft_type': expected 'LORA', found {found}; "
             "only LoRA adapters can be served"
         )
     for name, feature in _REFUSED_FIELDS.items():
         if config.get(name):
             raise AdapterError(
-                f"{CONFIG_NAME} field {name!r} = {config[name]!r}: {feature} is not supported; "
+                f"{CONFIG_NAME} field {name!r} is set: {feature} is not supported; "
                 "only plain LoRA on the decoder's linear layers can be served"
             )
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        scheme = next(p for p in _BASE_REWRITING_INITS if init.lower().startswith(p))
         raise AdapterError(
-            f"{CONFIG_NAME} field 'init_lora_weights' = {init!r}: this initialisation rewrites "
+            f"{CONFIG_NAME} field 'init_lora_weights' is {scheme!r}: this initialisation rewrites "
             "the base weights, so the adapter needs its own residual base model; convert it to "
             "plain LoRA (save_pretrained(..., path_initial_model_for_weight_conversion=...))"
         )
     task_type = config.get("task_type")
     if task_type not in (None, "CAUSAL_LM"):
         raise _field_error("task_type", "'CAUSAL_LM' or null", task_type)
-    bias = config.get("bias", "none")
-    if bias not in ("none", "all", "lora_only"):
-        raise _field_error("bias", "'none', 'all' or 'lora_only'", bias)
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise _field_error("bias", "'none', 'all' or 'lora_only'", config.get("bias"))
 
+
+def _parse_settings(config: dict) -> _LoraSettings:
+    """Validate the config: refuse what cannot be served, keep what shapes the modules."""
+    _refuse_unsupported(config)
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)  # peft's defaults
     if not _is_pos_int(r):
         raise _field_error("r", "a positive integer", r)
@@ -258,20 +351,15 @@ def _parse_settings(config: dict) -> _LoraSettings:
     use_rslora = config.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise _field_error("use_rslora", "true or false", use_rslora)
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    if not isinstance(rank_pattern, dict) or not all(_is_pos_int(v) for v in rank_pattern.values()):
-        raise _field_error("rank_pattern", "an object of positive integers", rank_pattern)
-    if not isinstance(alpha_pattern, dict) or not all(_is_number(v) for v in alpha_pattern.values()):
-        raise _field_error("alpha_pattern", "an object of finite numbers", alpha_pattern)
-    for name, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-        for key in patterns:
-            _checked_regex(name, rf"(.*\.)?({key})$")
+    rank_pattern = _pattern_keys(config, "rank_pattern", _is_pos_int, "an object of positive integers")
+    alpha_pattern = _pattern_keys(config, "alpha_pattern", _is_number, "an object of finite numbers")
 
     target_modules = _str_or_names(config, "target_modules")
     if target_modules is None:
         target_modules = _DEFAULT_TARGETS
-    exclude_modules = _str_or_names(config, "exclude_modules")
+    elif isinstance(target_modules, str) and target_modules.lower() != "all-linear":
+        target_modules = _checked_regex("target_modules", target_modules)
+    exclude_modules = _regex_or_names(config, "exclude_modules")
     layers = config.get("layers_to_transform")
     if isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
         layers = tuple(layers)
@@ -280,15 +368,13 @@ def _parse_settings(config: dict) -> _LoraSettings:
     layers_pattern = config.get("layers_pattern") or ()
     if isinstance(layers_pattern, str):
         layers_pattern = (layers_pattern,)
-    if not all(isinstance(p, str) for p in layers_pattern):
+    if not isinstance(layers_pattern, (list, tuple)) or not all(isinstance(p, str) for p in layers_pattern):
         raise _field_error("layers_pattern", "a string, a list of strings or null", layers_pattern)
-    for p in layers_pattern:
-        _checked_regex("layers_pattern", p)
     # peft's LoraConfig refuses these combinations too
-    if isinstance(target_modules, str) and (layers is not None or layers_pattern):
+    if not isinstance(target_modules, tuple) and (layers is not None or layers_pattern):
         raise AdapterError(
             f"{CONFIG_NAME}: 'layers_to_transform' / 'layers_pattern' cannot be combined with a "
-            f"string 'target_modules' ({target_modules!r})"
+            "string 'target_modules'"
         )
     if layers_pattern and layers is None:
         raise AdapterError(f"{CONFIG_NAME}: 'layers_pattern' is set but 'layers_to_transform' is not")
@@ -302,15 +388,22 @@ def _parse_settings(config: dict) -> _LoraSettings:
         target_modules=target_modules,
         exclude_modules=exclude_modules,
         layers_to_transform=layers,
-        layers_pattern=tuple(layers_pattern),
+        # peft's own wrapping, as in its _get_layer_index
+        layers_pattern=tuple(
+            _checked_regex("layers_pattern", rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in layers_pattern
+        ),
     )
     for name in ("model.embed_tokens", "lm_head"):
         if _is_targeted(settings, name):
             raise AdapterError(
-                f"{CONFIG_NAME} field 'target_modules' = {config.get('target_modules')!r} targets "
-                f"{name}: LoRA on the embeddings or lm_head is not supported"
+                f"{CONFIG_NAME} field 'target_modules' targets {name}: LoRA on the embeddings or "
+                "lm_head is not supported"
             )
     return settings
+
+
+# the only digits-only segment of a module path is its layer index: "model.layers.3.mlp.up_proj"
+_LAYER_SEGMENT = re.compile(r"\.(\d+)\.")
 
 
 def _layer_index(settings: _LoraSettings, name: str) -> int | None:
@@ -318,28 +411,28 @@ def _layer_index(settings: _LoraSettings, name: str) -> int | None:
     if not settings.layers_pattern:
         # lazy: the first numbered segment, as peft does
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    else:
-        for pattern in settings.layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
-            if match is not None:
-                break
-    return int(match.group("idx")) if match else None
+        return int(match.group("idx")) if match else None
+    # peft takes idx from the first layers_pattern that matches; in a module path any match
+    # ends its `\.(\d+)\.` on the one digits-only segment, so that segment is the index
+    if any(p.match(name, settings.budget) for p in settings.layers_pattern):
+        return int(_LAYER_SEGMENT.search(name).group(1))
+    return None
 
 
 def _is_targeted(settings: _LoraSettings, name: str) -> bool:
     """Whether peft would put LoRA on the module at path `name` of LlamaForCausalLM."""
     exclude = settings.exclude_modules
-    if isinstance(exclude, str):
-        if re.fullmatch(exclude, name):
+    if isinstance(exclude, SafePattern):
+        if exclude.fullmatch(name, settings.budget):
             return False
     elif exclude and (name in exclude or any(name.endswith(f".{e}") for e in exclude)):
         return False
     targets = settings.target_modules
-    if isinstance(targets, str):
-        if targets.lower() == "all-linear":
-            # peft expands it to every nn.Linear but the output head; embeddings are not Linear
-            return name not in ("lm_head", "model.embed_tokens")
-        return re.fullmatch(targets, name) is not None
+    if isinstance(targets, str):  # "all-linear"
+        # peft expands it to every nn.Linear but the output head; embeddings are not Linear
+        return name not in ("lm_head", "model.embed_tokens")
+    if isinstance(targets, SafePattern):
+        return targets.fullmatch(name, settings.budget)
     if name in targets:
         return True  # an exact path: peft applies no layer filter here
     if not any(name.endswith(f".{t}") for t in targets):
@@ -353,24 +446,25 @@ def _is_targeted(settings: _LoraSettings, name: str) -> bool:
     return index == wanted if isinstance(wanted, int) else index in wanted
 
 
-def _pattern_value(patterns: dict, name: str, default: Any) -> Any:
-    """peft's get_pattern_key: the first key that matches a dotted suffix of `name`, as a regex."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return patterns.get(name, default)
-
-
 def _expected_rank_and_alpha(settings: _LoraSettings, name: str) -> tuple[int, float]:
-    return (
-        _pattern_value(settings.rank_pattern, name, settings.r),
-        _pattern_value(settings.alpha_pattern, name, settings.alpha),
-    )
+    if name not in settings._memo:
+        settings._memo[name] = (
+            settings.rank_pattern.value(name, settings.r, settings.budget),
+            settings.alpha_pattern.value(name, settings.alpha, settings.budget),
+        )
+    return settings._memo[name]
 
 
-def _scaling(settings: _LoraSettings, name: str, rank: int) -> float:
-    alpha = _expected_rank_and_alpha(settings, name)[1]
-    return alpha / math.sqrt(rank) if settings.use_rslora else alpha / rank
+def _scaling(settings: _LoraSettings, module: str, rank: int) -> float:
+    alpha = _expected_rank_and_alpha(settings, f"model.{module}")[1]
+    scaling = alpha / math.sqrt(rank) if settings.use_rslora else alpha / rank
+    if not (math.isfinite(scaling) and abs(scaling) <= MAX_SCALING):
+        raise AdapterError(
+            f"{CONFIG_NAME} fields 'lora_alpha' / 'alpha_pattern': the scaling of {module} "
+            f"(alpha / r{' ** 0.5' if settings.use_rslora else ''}) must be finite and at most "
+            f"{MAX_SCALING:g} in magnitude"
+        )
+    return scaling
 
 
 def _check_base_model(config: dict, spec: BaseModelSpec | None) -> None:
@@ -381,10 +475,15 @@ def _check_base_model(config: dict, spec: BaseModelSpec | None) -> None:
     mapping = config.get("auto_mapping")
     found = mapping.get("base_model_class") if isinstance(mapping, dict) else None
     if found is not None and found != spec.architecture:
+        # a transformers class name is shown; anything else is described, not echoed
+        shown = repr(found) if isinstance(found, str) and _CLASS_NAME.fullmatch(found) else _kind(found)
         raise AdapterError(
             f"{CONFIG_NAME} field 'auto_mapping.base_model_class': expected {spec.architecture!r} "
-            f"(the served base model), found {found!r}"
+            f"(the served base model), found {shown}"
         )
+
+
+_CLASS_NAME = re.compile(r"[A-Z][A-Za-z0-9]{0,63}For[A-Z][A-Za-z]{0,31}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -392,7 +491,14 @@ def _check_base_model(config: dict, spec: BaseModelSpec | None) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def _locate_files(root: Path, max_file_bytes: int) -> tuple[Path, Path]:
+def _locate_files(root: Path, roots: Sequence[Path] | None) -> tuple[Path, Path]:
+    """The config and weights paths in `root`; with `roots`, `root` must resolve inside one."""
+    try:
+        check_path_text(str(root))
+        if roots is not None:
+            resolve_inside(root, roots)
+    except (BadPathError, OutsideRootsError) as e:
+        raise AdapterError(f"adapter directory: {e}") from None
     if not root.is_dir():
         raise AdapterError(f"adapter directory {str(root)!r} does not exist or is not a directory")
     config_path, weights_path = root / CONFIG_NAME, root / WEIGHTS_NAME
@@ -406,22 +512,52 @@ def _locate_files(root: Path, max_file_bytes: int) -> tuple[Path, Path]:
                 f"{_CONVERT_HINT}"
             )
         raise AdapterError(f"{WEIGHTS_NAME} is missing in {str(root)!r}")
-    # sizes before any reading, so a huge or hostile file costs nothing
-    for path, limit in ((config_path, _MAX_CONFIG_BYTES), (weights_path, max_file_bytes)):
-        size = path.stat().st_size
-        if size > limit:
-            raise AdapterError(f"{path.name} is {size} bytes, larger than the limit of {limit} bytes")
     return config_path, weights_path
 
 
-def _load_config(path: Path) -> dict:
+def _open(path: Path, roots: Sequence[Path] | None, limit: int) -> OpenFile:
+    """`path` opened (confined to `roots` unless None, at most `limit` bytes), or AdapterError."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {e}") from e
+        return open_file(path, roots, limit)
+    except (BadPathError, OutsideRootsError) as e:
+        raise AdapterError(str(e)) from None
+    except OSError as e:  # the OS's text, not its filename: that may be a resolved server path
+        raise AdapterError(f"{path.name} cannot be opened: {e.strerror}") from None
+
+
+def _json_depth(text: str) -> int:
+    """How deeply arrays / objects nest, counted without recursion (strings skipped)."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(accumulate(1 if c in "[{" else -1 for c in brackets), default=0)
+
+
+# A string, or an unterminated one up to the end: a match from every quote, so the scan stays
+# linear (with a closing quote required, each unterminated string would rescan to the end)
+_JSON_STRING = re.compile(r'(?s)"(?:[^"\\]|\\.)*(?:"|\\?\Z)')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _load_config(data: bytes) -> dict:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AdapterError(f"{CONFIG_NAME} is not valid JSON: not UTF-8") from None
+    if _json_depth(text) > _MAX_CONFIG_DEPTH:
+        raise AdapterError(f"{CONFIG_NAME} nests deeper than {_MAX_CONFIG_DEPTH} levels")
+    try:
+        config = json.loads(text)
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or a 5000-digit number
+        # the position only: the decoder's text quotes no content
+        raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {_json_reason(e)}") from None
     if not isinstance(config, dict):
-        raise AdapterError(f"{CONFIG_NAME}: expected a JSON object, found {type(config).__name__}")
+        raise AdapterError(f"{CONFIG_NAME}: expected a JSON object, found {_kind(config)}")
     return config
+
+
+def _json_reason(e: Exception) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} at line {e.lineno} column {e.colno}"
+    return "nested too deeply" if isinstance(e, RecursionError) else "a number with too many digits"
 
 
 def _refuse_key(key: str) -> AdapterError:
@@ -458,6 +594,8 @@ def _group_keys(keys: list[str], spec: BaseModelSpec | None) -> dict[str, dict[s
     """Module key -> {"A": file key, "B": file key}, each name and layer checked."""
     modules: dict[str, dict[str, str]] = {}
     for key in keys:
+        if len(key) > _MAX_KEY_CHARS:  # real keys are < 100 characters; never echo a huge one
+            raise AdapterError(f"{WEIGHTS_NAME} has a tensor key longer than {_MAX_KEY_CHARS} characters")
         match = _KEY_RE.fullmatch(key)
         if match is None or match.group(2) not in LINEAR_NAMES:
             raise _refuse_key(key)
@@ -570,7 +708,7 @@ def _exact_scalings(metadata: dict | None) -> dict[str, float]:
     try:
         values = json.loads((metadata or {})[_SCALING_METADATA])
         return {k: float(v) for k, v in values.items()}
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError):
         return {}
 
 
@@ -586,37 +724,67 @@ def read_peft_adapter(
     max_rank: int = 128,
     max_file_bytes: int = 2 << 30,
     dtype: torch.dtype = torch.float32,
+    roots: Sequence[str | os.PathLike] | None = None,
 ) -> LoRAAdapter:
     """Read and validate a peft LoRA adapter directory; raise AdapterError, never half-load.
 
     With `spec`, the adapter must fit the served base model exactly (layers, shapes, class).
+    With `roots` (a client named the path), every file opened must resolve inside one of
+    them (see safe_files); None trusts the path (the operator's own --adapter).
     """
-    config_path, weights_path = _locate_files(Path(path), max_file_bytes)
-    config = _load_config(config_path)
-    settings = _parse_settings(config)
-    _check_base_model(config, spec)
+    real_roots = None if roots is None else [Path(os.path.realpath(r)) for r in roots]
+    config_path, weights_path = _locate_files(Path(path), real_roots)
+    with ExitStack() as files:
+        # both opened (and their sizes checked) before anything is read
+        config_file = files.enter_context(_open(config_path, real_roots, _MAX_CONFIG_BYTES))
+        weights_file = files.enter_context(_open(weights_path, real_roots, max_file_bytes))
+        config = _load_config(config_file.read())
+        with _pattern_errors():
+            settings = _parse_settings(config)
+            _check_base_model(config, spec)
+            with _safetensors(weights_file) as f:
+                modules = _read_modules(f, settings, spec, max_rank, dtype)
+    return LoRAAdapter(modules=modules, config=config)
+
+
+@contextmanager
+def _pattern_errors() -> Iterator[None]:
+    # a pattern's matching budget can run out at any match, long after it was compiled
     try:
-        handle = safe_open(weights_path, framework="pt")
+        yield
+    except UnsafePatternError as e:
+        raise AdapterError(f"{CONFIG_NAME}: {e}") from None
+
+
+@contextmanager
+def _safetensors(file: OpenFile) -> Iterator[Any]:
+    try:
+        handle = safe_open(file.path_for_library(), framework="pt")
     except Exception as e:  # safetensors raises its own error types for a bad header
         raise AdapterError(f"{WEIGHTS_NAME} cannot be read: {e}") from e
     with handle as f:
-        groups = _group_keys(list(f.keys()), spec)
-        if not groups:
-            raise AdapterError(f"{WEIGHTS_NAME} holds no LoRA weights")
-        _check_targets(groups, settings, spec)
-        ranks = {m: _check_header(f, m, pair, settings, spec, max_rank) for m, pair in groups.items()}
-        exact = _exact_scalings(f.metadata())
-        modules = {}
-        for module in sorted(groups, key=_module_order):
-            scaling = _scaling(settings, f"model.{module}", ranks[module])
-            # the exact value written by us wins only if the config still agrees with it
-            if module in exact and math.isclose(exact[module], scaling, rel_tol=1e-12):
-                scaling = exact[module]
-            pair = groups[module]
-            modules[module] = ModuleLoRA(
-                a=_load_tensor(f, pair["A"], dtype), b=_load_tensor(f, pair["B"], dtype), scaling=scaling
-            )
-    return LoRAAdapter(modules=modules, config=config)
+        yield f
+
+
+def _read_modules(f: Any, settings: _LoraSettings, spec: BaseModelSpec | None, max_rank: int,
+                  dtype: torch.dtype) -> dict[str, ModuleLoRA]:
+    groups = _group_keys(list(f.keys()), spec)
+    if not groups:
+        raise AdapterError(f"{WEIGHTS_NAME} holds no LoRA weights")
+    _check_targets(groups, settings, spec)
+    ranks = {m: _check_header(f, m, pair, settings, spec, max_rank) for m, pair in groups.items()}
+    exact = _exact_scalings(f.metadata())
+    modules = {}
+    for module in sorted(groups, key=_module_order):
+        scaling = _scaling(settings, module, ranks[module])
+        # the exact value written by us wins only if the config still agrees with it
+        if module in exact and math.isclose(exact[module], scaling, rel_tol=1e-12):
+            scaling = exact[module]
+        pair = groups[module]
+        modules[module] = ModuleLoRA(
+            a=_load_tensor(f, pair["A"], dtype), b=_load_tensor(f, pair["B"], dtype), scaling=scaling
+        )
+    return modules
 
 
 # ----------------------------------------------------------------------------------------

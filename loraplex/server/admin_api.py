@@ -15,6 +15,7 @@ from fastapi.responses import PlainTextResponse
 
 from ..adapters.peft_format import AdapterError
 from ..adapters.registry import AdapterExistsError, RegistryBusyError
+from ..adapters.safe_files import BadPathError
 from ..engine.adapters import UnknownAdapterError
 from .auth import require_admin
 from .errors import APIError, documented_errors
@@ -47,6 +48,8 @@ async def _call(fn, *args, **kwargs):
         raise APIError(409, str(exc)) from None
     except AdapterPathError as exc:  # not any PermissionError: the OS's name server paths (500, logged)
         raise APIError(403, str(exc), param="path") from None
+    except BadPathError as exc:  # a NUL byte, an over-long name: says which, echoes nothing
+        raise APIError(400, str(exc), param="path") from None
     except AdapterError as exc:
         raise APIError(400, str(exc)) from None
 

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.peft_format import BaseModelSpec
+from ..adapters.peft_format import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, BaseModelSpec
 from ..adapters.registry import AdapterRegistry, RegistryConfig
+from ..adapters.safe_files import OutsideRootsError, check_files_inside, resolve_inside
 from ..demo import ADAPTERS_DIR, MODEL_DIR, adapter_paths
 from ..engine.async_engine import AsyncEngine
 from ..engine.engine import Engine, EngineConfig
@@ -252,10 +253,14 @@ class ServerState:
         return take_snapshot(self.engine, registry, async_engine)
 
     def resolve_adapter_path(self, path: str) -> Path:
-        """The real path of `path`, if it lies inside an allowed adapter root; else AdapterPathError."""
+        """The real path of `path`, if it and the adapter files in it (links followed) lie inside
+        an allowed adapter root; else AdapterPathError. BadPathError for a malformed path."""
         if not self.adapter_roots:
             raise AdapterPathError("adapters cannot be registered by path: the server has no --adapter-root")
-        real = Path(path).resolve()
-        if not any(real == root or root in real.parents for root in self.adapter_roots):
-            raise AdapterPathError(f"path {path!r} is outside the allowed adapter roots")
+        try:
+            real = resolve_inside(path, self.adapter_roots)
+            # the directory alone is not enough: its files may be links out of every root
+            check_files_inside(real, (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME), self.adapter_roots)
+        except OutsideRootsError as exc:
+            raise AdapterPathError(str(exc)) from None
         return real
