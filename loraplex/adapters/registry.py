@@ -4,6 +4,7 @@
              bounded, LRU) -> GPU (the model's slots; LRU among slots no running sequence
              uses; pinned adapters stay)
     states   loading -> ready -> draining -> gone   (a name points at its current entry)
+    slots    free -> loading -> ready <-> reserved  (`GpuSlots`: the one record of who owns a slot)
 
 Two kinds of callers. Admin calls (`register`, `unload`, `merge`, `export`, `pin`, `info`)
 come from any thread and do their file work there, outside the lock, so nothing waits on a
@@ -31,6 +32,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Callable
 
@@ -62,6 +64,9 @@ class RegistryConfig:
     max_rank: int = 16                # the largest LoRA rank accepted (slot capacity)
     max_file_bytes: int = 2 << 30     # adapter_model.safetensors larger than this is refused
     work_dir: str | None = None       # where merged adapters are written; None = a temp dir
+    # while every GPU slot holds a pinned adapter no slot can free up (the pin limit should
+    # prevent it): requests for other adapters then end with an error after this long
+    slot_wait_timeout_s: float = 30.0
 
     def __post_init__(self):
         if self.gpu_slots < 1:
@@ -70,6 +75,8 @@ class RegistryConfig:
             raise ValueError(f"host_slots must be >= 1, got {self.host_slots}")
         if not 1 <= self.max_rank <= 128:
             raise ValueError(f"max_rank must be in 1..128, got {self.max_rank}")
+        if not self.slot_wait_timeout_s > 0:
+            raise ValueError(f"slot_wait_timeout_s must be > 0, got {self.slot_wait_timeout_s}")
 
 
 @dataclass(eq=False)
@@ -82,9 +89,7 @@ class AdapterEntry:
     owns_path: bool = False               # a merged adapter's directory, removed when gone
     state: str = "loading"                # loading | ready | draining | gone
     pinned: bool = False
-    host: SlotRow | None = None           # host tier: packed, pinned row
-    slot: int | None = None               # GPU slot (possibly still being copied into)
-    copy: tuple | None = None             # (start event, end event, started at) while copying
+    host: SlotRow | None = None           # host tier: packed, pinned row (its GPU slot: `GpuSlots.of`)
     reading: bool = False                 # a page-in from disk is queued or running
     from_disk: bool = False               # the copy in flight follows a disk read (for load_seconds)
     refcount: int = 0                     # requests holding it
@@ -96,11 +101,87 @@ class AdapterEntry:
     read_seconds: float | None = None     # file -> host row (read, validate, pack)
     load_seconds: float | None = None     # last file -> GPU slot (or host -> GPU) time
 
-    @property
-    def tier(self) -> str:
-        if self.slot is not None and self.copy is None:
-            return "gpu"
-        return "host" if self.host is not None else "disk"
+
+class SlotState(Enum):
+    FREE = "free"            # no owner
+    LOADING = "loading"      # the owner's host row is being copied in: not to be read before the copy ends
+    READY = "ready"          # the owner's weights are in: new sequences may use it
+    RESERVED = "reserved"    # the owner's weights are in, no new sequences: it goes to a waiting
+                             # adapter once the owner's running sequences end
+
+
+# the moves a slot may make (a copy always ends, LOADING -> READY, before its slot is freed)
+_MOVES = {
+    SlotState.FREE: {SlotState.LOADING},
+    SlotState.LOADING: {SlotState.READY},
+    SlotState.READY: {SlotState.RESERVED, SlotState.LOADING, SlotState.FREE},
+    SlotState.RESERVED: {SlotState.READY, SlotState.LOADING, SlotState.FREE},
+}
+
+
+@dataclass(eq=False)
+class GpuSlot:
+    index: int                               # row of the model's slot arena
+    state: SlotState = SlotState.FREE
+    owner: AdapterEntry | None = None        # None exactly when FREE
+    copy: tuple | None = None                # (start event, end event, started at) while LOADING
+
+
+class GpuSlots:
+    """The GPU slots' state machine, the one record of which adapter owns which slot:
+
+        FREE -load-> LOADING -loaded-> READY -reserve-> RESERVED -unreserve-> READY
+        READY | RESERVED -load (evicts the owner)-> LOADING,  READY | RESERVED -free-> FREE
+
+    An adapter owns at most one slot (`load` refuses a second). Moves happen under the
+    registry lock: `between_steps` (engine thread) loads, reserves and unreserves; whoever
+    polls a copy's end event marks it loaded; retiring an adapter (any thread) frees its slot."""
+
+    def __init__(self, count: int):
+        self.all = [GpuSlot(i) for i in range(count)]
+        self._by_owner: dict[AdapterEntry, GpuSlot] = {}  # an index over `all`, kept by the moves only
+
+    def of(self, entry: AdapterEntry) -> GpuSlot | None:
+        return self._by_owner.get(entry)
+
+    def used(self) -> int:
+        return len(self._by_owner)
+
+    def reserved(self) -> GpuSlot | None:
+        return next((s for s in self.all if s.state is SlotState.RESERVED), None)
+
+    def load(self, slot: GpuSlot, entry: AdapterEntry, copy: tuple) -> AdapterEntry | None:
+        """Give `slot` to `entry`, whose row `copy` is copying in; returns the evicted owner."""
+        if entry in self._by_owner:
+            raise RuntimeError(f"adapter {entry.name!r} already owns GPU slot {self._by_owner[entry].index}")
+        evicted = slot.owner
+        self._move(slot, SlotState.LOADING)
+        if evicted is not None:
+            del self._by_owner[evicted]
+        slot.owner, slot.copy = entry, copy
+        self._by_owner[entry] = slot
+        return evicted
+
+    def loaded(self, slot: GpuSlot) -> None:
+        self._move(slot, SlotState.READY)
+        slot.copy = None
+
+    def reserve(self, slot: GpuSlot) -> None:
+        self._move(slot, SlotState.RESERVED)
+
+    def unreserve(self, slot: GpuSlot) -> None:
+        self._move(slot, SlotState.READY)
+
+    def free(self, slot: GpuSlot) -> None:
+        self._move(slot, SlotState.FREE)
+        del self._by_owner[slot.owner]
+        slot.owner = None
+
+    @staticmethod
+    def _move(slot: GpuSlot, to: SlotState) -> None:
+        if to not in _MOVES[slot.state]:  # a registry bug: fail loudly rather than serve wrong weights
+            raise RuntimeError(f"GPU slot {slot.index} cannot go from {slot.state.value} to {to.value}")
+        slot.state = to
 
 
 @dataclass(frozen=True)
@@ -143,13 +224,14 @@ class AdapterRegistry:
         self._names: dict[str, AdapterEntry] = {}
         self._loading: dict[str, AdapterEntry] = {}    # names being registered
         self._draining: list[AdapterEntry] = []
-        self._slots: list[AdapterEntry | None] = [None] * config.gpu_slots
-        self._reserved: int | None = None              # a busy slot to evict next (no new admissions)
+        self._slots = GpuSlots(config.gpu_slots)
         self._host: OrderedDict[AdapterEntry, None] = OrderedDict()  # entries with a host row, LRU first
         self._free_rows: list[SlotRow] = []
         self._rows_allocated = 0
-        self._wanted: list[AdapterEntry] = []          # waiting for a GPU slot, in request order
+        self._wanted: list[AdapterEntry] = []          # to page in (demand, in request order)
+        self._all_pinned_since: float | None = None    # since when every slot holds a pinned adapter
         self._ends: list[tuple[AdapterEntry, FinishReason, str]] = []  # requests to end at the next step
+        self._dirs_to_remove: set[Path] = set()        # merged adapters' directories queued on the io thread
         self._cuda = self.pool.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.pool.device) if self._cuda else None
         self._io = ThreadPoolExecutor(1, thread_name_prefix="loraplex-adapter-io")
@@ -167,6 +249,9 @@ class AdapterRegistry:
             for entry in self._host:
                 entry.host = None
             self._host.clear()
+            leftover, self._dirs_to_remove = self._dirs_to_remove, set()
+        for path in leftover:  # removals the shutdown cancelled
+            shutil.rmtree(path, ignore_errors=True)
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -183,9 +268,10 @@ class AdapterRegistry:
         path = Path(path)
         with self._lock:
             self._check_name_free(name, replace)
-            if pin:
-                self._check_pin_room(extra=1)
             entry = AdapterEntry(name, path, 0, [], 0, owns_path=_owns_path)
+            if pin:  # claimed in the same hold of the lock as the check, so racing pins cannot all pass it
+                self._check_pin_room(replacing=self._names.get(name))
+                entry.pinned = True
             self._loading[name] = entry
         try:
             adapter, row, entry.read_seconds = self._read_to_row(path)
@@ -204,13 +290,12 @@ class AdapterRegistry:
                 if not replace:  # raced with another register of the same name
                     self._give_row(row)
                     raise AdapterExistsError(f"adapter {name!r} is already registered")
-                pin = pin or old.pinned  # a replaced pinned adapter stays pinned
+                entry.pinned = entry.pinned or old.pinned  # a replaced pinned adapter stays pinned
                 self._drain(old)
             entry.state, entry.host, entry.from_disk = "ready", row, True  # its first GPU load counts the read
             self._host[entry] = None
             self._names[name] = entry
-            if pin:
-                entry.pinned = True
+            if entry.pinned:
                 self._want(entry)
             self._emit("load_host", name, entry.read_seconds)
             log.info("adapter %s registered (rank %d, %d modules, %.1f ms)%s", name, entry.rank,
@@ -259,7 +344,7 @@ class AdapterRegistry:
         with self._lock:
             entry = self._entry(name)
             if pinned and not entry.pinned:
-                self._check_pin_room(extra=1)
+                self._check_pin_room()
                 self._want(entry)
             entry.pinned = pinned
             return self._info(entry)
@@ -288,10 +373,10 @@ class AdapterRegistry:
         with self._lock:
             tiers = {"gpu": 0, "host": 0, "disk": 0}
             for entry in self._names.values():
-                tiers[entry.tier] += 1
+                tiers[self._tier(entry)] += 1
             return {
                 "registered": len(self._names), "draining": len(self._draining),
-                "gpu_slots_used": sum(e is not None for e in self._slots), "gpu_slots": self.num_slots,
+                "gpu_slots_used": self._slots.used(), "gpu_slots": self.num_slots,
                 "host_rows_used": len(self._host), "host_rows_free": len(self._free_rows),
                 "host_rows_allocated": self._rows_allocated,
                 "host_slots": self.config.host_slots, "waiting_for_slot": len(self._wanted),
@@ -303,8 +388,9 @@ class AdapterRegistry:
         slot: what an adapter-affinity router wants to know (the Gateway API Inference
         Extension's running / waiting LoRA adapters)."""
         with self._lock:
-            resident = sorted(e.name for e in self._names.values() if e.tier == "gpu")
-            waiting = sorted(e.name for e in self._names.values() if e.refcount > e.active and e.tier != "gpu")
+            resident = sorted(e.name for e in self._names.values() if self._tier(e) == "gpu")
+            waiting = sorted(e.name for e in self._names.values()
+                             if e.refcount > e.active and self._tier(e) != "gpu")
             return resident, waiting
 
     # -- engine side (engine thread) ------------------------------------------------------
@@ -317,7 +403,7 @@ class AdapterRegistry:
             entry = self._entry(name)
             entry.refcount += 1
             entry.requests += 1
-            if entry.slot is None:
+            if self._slots.of(entry) is None:
                 self._want(entry)  # start paging in now, not when the scheduler first asks
             return entry
 
@@ -329,10 +415,11 @@ class AdapterRegistry:
 
     def activate(self, entry: AdapterEntry) -> int | None:
         with self._lock:
-            if entry.slot is not None and entry.copy is None and entry.slot != self._reserved:
+            slot = self._slots.of(entry)
+            if slot is not None and slot.state is SlotState.READY:
                 entry.active += 1
                 entry.last_used = time.monotonic()
-                return entry.slot
+                return slot.index
             if entry.state != "gone":
                 self._want(entry)
             return None
@@ -346,14 +433,12 @@ class AdapterRegistry:
         """Move pages (finished copies, new copies, disk reads); return the requests to end."""
         with self._lock:
             self._poll_copies()
-            if self._reserved is not None:  # keep a reservation only while someone else waits
-                owner = self._slots[self._reserved]
-                if owner is None or all(e is owner for e in self._wanted):
-                    self._reserved = None
             fresh: set[int] = set()  # slots filled this round: not evictable before their first use
             for entry in list(self._wanted):
                 if not self._page_in(entry, fresh):
                     break  # no slot for the oldest want: nobody behind it gets one either
+            self._end_needless_reservation()
+            self._end_waits_no_slot_can_serve()
             ends, self._ends = self._ends, []
             return ends
 
@@ -376,10 +461,21 @@ class AdapterRegistry:
             raise
         return adapter, row, time.monotonic() - started
 
+    def _tier(self, entry: AdapterEntry) -> str:
+        slot = self._slots.of(entry)
+        if slot is not None and slot.state in (SlotState.READY, SlotState.RESERVED):
+            return "gpu"
+        return "host" if entry.host is not None else "disk"
+
+    def _copying(self, entry: AdapterEntry) -> bool:
+        """Its host row is being copied into a GPU slot (the row must stay)."""
+        slot = self._slots.of(entry)
+        return slot is not None and slot.state is SlotState.LOADING
+
     def _info(self, e: AdapterEntry) -> AdapterInfo:
         ago = None if not e.last_used else time.monotonic() - e.last_used
-        return AdapterInfo(e.name, e.state, e.tier, str(e.path), e.rank, list(e.targets), e.nbytes, e.pinned,
-                           e.refcount, e.active, e.requests, e.registered_at, ago, e.read_seconds,
+        return AdapterInfo(e.name, e.state, self._tier(e), str(e.path), e.rank, list(e.targets), e.nbytes,
+                           e.pinned, e.refcount, e.active, e.requests, e.registered_at, ago, e.read_seconds,
                            e.load_seconds, e.error)
 
     def _emit(self, kind: str, name: str, seconds: float | None = None) -> None:
@@ -413,9 +509,12 @@ class AdapterRegistry:
                 for entry in held:
                     self.release(entry)
 
-    def _check_pin_room(self, extra: int) -> None:
-        pinned = sum(e.pinned for e in self._names.values())
-        if pinned + extra > self.num_slots - 1:
+    def _check_pin_room(self, replacing: AdapterEntry | None = None) -> None:
+        """Room for one more pin: at most slots - 1, so one slot always serves unpinned adapters.
+        Pins claimed by registrations still reading count; that of an adapter being replaced
+        does not (its replacement takes it over)."""
+        pinned = sum(e.pinned for e in (*self._names.values(), *self._loading.values()) if e is not replacing)
+        if pinned + 1 > self.num_slots - 1:
             raise RegistryBusyError(f"cannot pin more than {self.num_slots - 1} adapters with {self.num_slots} "
                                     f"GPU slots (one stays free for the others)")
 
@@ -439,17 +538,27 @@ class AdapterRegistry:
             self._draining.remove(entry)
         if entry in self._wanted:
             self._wanted.remove(entry)
-        if entry.copy is None:
+        if not self._copying(entry):
             self._free_resources(entry)
         if entry.owns_path:
-            shutil.rmtree(entry.path, ignore_errors=True)
+            self._remove_later(entry.path)
+
+    def _remove_later(self, path: Path) -> None:
+        """Delete a merged adapter's directory on the io thread: a large tree must stall neither
+        the engine thread (whose `release` may retire an adapter) nor anyone waiting on the lock."""
+        self._dirs_to_remove.add(path)
+        self._io.submit(self._remove_dir, path)
+
+    def _remove_dir(self, path: Path) -> None:
+        """io thread, without the lock while removing."""
+        shutil.rmtree(path, ignore_errors=True)
+        with self._lock:
+            self._dirs_to_remove.discard(path)
 
     def _free_resources(self, entry: AdapterEntry) -> None:
-        if entry.slot is not None:
-            self._slots[entry.slot] = None
-            if self._reserved == entry.slot:
-                self._reserved = None
-            entry.slot = None
+        slot = self._slots.of(entry)
+        if slot is not None:
+            self._slots.free(slot)
         if entry.host is not None:
             self._host.pop(entry, None)
             self._give_row(entry.host)
@@ -466,8 +575,8 @@ class AdapterRegistry:
                     self._rows_allocated += 1
                     break
                 # least recently used first, sparing rows a GPU copy or a waiting request needs
-                victim = next((e for e in self._host if e.copy is None and e not in self._wanted),
-                              next((e for e in self._host if e.copy is None), None))
+                victim = next((e for e in self._host if not self._copying(e) and e not in self._wanted),
+                              next((e for e in self._host if not self._copying(e)), None))
                 if victim is not None:
                     self._host.pop(victim)
                     row, victim.host = victim.host, None
@@ -488,14 +597,15 @@ class AdapterRegistry:
             self._row_freed.notify()
 
     def _poll_copies(self) -> None:
-        for slot, entry in enumerate(self._slots):
-            if entry is None or entry.copy is None:
+        for slot in self._slots.all:
+            if slot.state is not SlotState.LOADING:
                 continue
-            start, end, began = entry.copy
+            start, end, began = slot.copy
             if end is not None and not end.query():
                 continue
             copy_seconds = start.elapsed_time(end) / 1e3 if end is not None else time.monotonic() - began
-            entry.copy = None
+            entry = slot.owner
+            self._slots.loaded(slot)
             entry.load_seconds = copy_seconds + (entry.read_seconds if entry.from_disk else 0.0)
             entry.from_disk = False
             self._emit("load_gpu", entry.name, entry.load_seconds)
@@ -508,9 +618,11 @@ class AdapterRegistry:
         if entry.state == "gone":
             self._wanted.remove(entry)
             return True
-        if entry.slot is not None and entry.slot != self._reserved:
-            self._wanted.remove(entry)  # resident (or its copy is in flight)
-            return True
+        own = self._slots.of(entry)
+        if own is not None:
+            if own.state is not SlotState.RESERVED:
+                self._wanted.remove(entry)  # resident, or its copy is in flight
+            return True  # reserved: it serves again once nobody else waits (never a second slot)
         if entry.host is None:
             if not entry.reading:
                 entry.reading = True
@@ -519,51 +631,81 @@ class AdapterRegistry:
         slot = self._free_slot(fresh)
         if slot is None:
             return False
-        fresh.add(slot)
+        fresh.add(slot.index)
         self._wanted.remove(entry)
-        old = self._slots[slot]
-        if old is not None:
-            old.slot = None
-            self._emit("evict_gpu", old.name)
-        if self._reserved == slot:
-            self._reserved = None
-        self._slots[slot], entry.slot = entry, slot
-        if self._cuda:
-            # after whatever the model has queued (the evicted adapter may still be read), on
-            # the side stream, from the pinned row; the slot is used once the end event passes
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with torch.cuda.stream(self._stream):
-                self._stream.wait_stream(torch.cuda.current_stream(self.pool.device))
-                start.record()
-                self.pool.load(slot, entry.host, non_blocking=True)
-                end.record()
-            entry.copy = (start, end, time.monotonic())
-        else:
-            entry.copy = (None, None, time.monotonic())
-            self.pool.load(slot, entry.host)
-            self._poll_copies()
+        evicted = self._slots.load(slot, entry, self._start_copy(slot.index, entry.host))
+        if evicted is not None:
+            self._emit("evict_gpu", evicted.name)
+        if not self._cuda:
+            self._poll_copies()  # the copy is done already
         self._host.move_to_end(entry)
         return True
 
-    def _free_slot(self, fresh: set[int]) -> int | None:
+    def _start_copy(self, index: int, row: SlotRow) -> tuple:
+        """Copy a host row into GPU slot `index`: (start event, end event, started at)."""
+        began = time.monotonic()
+        if not self._cuda:
+            self.pool.load(index, row)
+            return None, None, began
+        # after whatever the model has queued (the evicted adapter may still be read), on the
+        # side stream, from the pinned row; the slot is used once the end event passes
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_stream(torch.cuda.current_stream(self.pool.device))
+            start.record()
+            self.pool.load(index, row, non_blocking=True)
+            end.record()
+        return start, end, began
+
+    def _free_slot(self, fresh: set[int]) -> GpuSlot | None:
         """An empty slot, else one that no running sequence, pin or copy holds (first those
         with no queued requests, then least recently used); if every slot is busy, reserve the
         LRU unpinned one (no new admissions to it) so that it frees up for the waiting adapter
         instead of serving newer requests forever."""
         candidates = []
-        for slot, entry in enumerate(self._slots):
-            if entry is None:
+        for slot in self._slots.all:
+            if slot.state is SlotState.FREE:
                 return slot
-            if entry.active == 0 and not entry.pinned and entry.copy is None and slot not in fresh:
-                candidates.append((entry.refcount > 0, entry.last_used, slot))
+            owner = slot.owner
+            if slot.state is not SlotState.LOADING and owner.active == 0 and not owner.pinned \
+                    and slot.index not in fresh:
+                candidates.append((owner.refcount > 0, owner.last_used, slot.index))
         if candidates:
-            return min(candidates)[2]
-        if self._reserved is None:
-            busy = [(e.last_used, s) for s, e in enumerate(self._slots)
-                    if not e.pinned and e.copy is None and s not in fresh]
+            return self._slots.all[min(candidates)[2]]
+        if self._slots.reserved() is None:
+            busy = [(s.owner.last_used, s.index) for s in self._slots.all
+                    if s.state is SlotState.READY and not s.owner.pinned and s.index not in fresh]
             if busy:
-                self._reserved = min(busy)[1]
+                self._slots.reserve(self._slots.all[min(busy)[1]])
         return None
+
+    def _end_needless_reservation(self) -> None:
+        """A reservation stands only while an adapter without a slot waits for one."""
+        slot = self._slots.reserved()
+        if slot is not None and all(self._slots.of(e) is not None for e in self._wanted):
+            self._slots.unreserve(slot)
+
+    def _end_waits_no_slot_can_serve(self) -> None:
+        """While every slot holds a pinned adapter no slot frees up (the pin limit should
+        prevent it; this is the backstop): once that has lasted `slot_wait_timeout_s`, the
+        requests waiting for other adapters end with an error instead of waiting forever."""
+        stuck = [e for e in self._wanted if e.refcount > 0 and self._slots.of(e) is None]
+        if not stuck or not all(s.owner is not None and s.owner.pinned for s in self._slots.all):
+            self._all_pinned_since = None
+            return
+        now = time.monotonic()
+        if self._all_pinned_since is None:
+            self._all_pinned_since = now
+        if now - self._all_pinned_since < self.config.slot_wait_timeout_s:
+            return
+        self._all_pinned_since = None
+        log.warning("every GPU slot has held a pinned adapter for %.0f s: ending the requests for %s",
+                    self.config.slot_wait_timeout_s, ", ".join(e.name for e in stuck))
+        for entry in stuck:
+            self._wanted.remove(entry)
+            message = (f"adapter {entry.name!r} cannot get a GPU slot: all {self.num_slots} hold pinned "
+                       f"adapters (unpin one)")
+            self._ends.append((entry, FinishReason.ERROR, message))
 
     def _read_to_host(self, entry: AdapterEntry) -> None:
         """Loader thread: disk -> host row for an entry a request is waiting for."""
