@@ -41,7 +41,7 @@ import torch
 from ..engine.adapters import UnknownAdapterError
 from ..engine.request import FinishReason
 from ..kernels.lora_slots import SlotRow
-from .merge import merge_adapters
+from .merge import check_merge_size, merge_adapters
 from .peft_format import AdapterError, BaseModelSpec, LoRAAdapter, read_peft_adapter, write_peft_adapter
 
 log = logging.getLogger("loraplex.adapters")
@@ -87,6 +87,7 @@ class AdapterEntry:
     targets: list[str]
     nbytes: int                           # compact size of its A and B (as stored)
     owns_path: bool = False               # a merged adapter's directory, removed when gone
+    roots: tuple[Path, ...] | None = None # a client named the path: every read stays inside these
     state: str = "loading"                # loading | ready | draining | gone
     pinned: bool = False
     host: SlotRow | None = None           # host tier: packed, pinned row (its GPU slot: `GpuSlots.of`)
@@ -258,23 +259,26 @@ class AdapterRegistry:
     # -- admin side (any thread) ----------------------------------------------------------
 
     def register(self, name: str, path: str | Path, *, replace: bool = False, pin: bool = False,
-                 _owns_path: bool = False) -> AdapterInfo:
+                 roots: list[str | Path] | None = None, _owns_path: bool = False) -> AdapterInfo:
         """Read, validate and stage an adapter under `name`; raise AdapterError (the registry
         is then unchanged) or AdapterExistsError. With `replace`, new requests get the new
-        weights at once while running ones finish on the old."""
+        weights at once while running ones finish on the old. With `roots` (a client named
+        the path), this read and every later one (page-ins, merges, exports) open only files
+        that resolve inside them, so a file swapped for a link afterwards is refused too."""
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise AdapterError(f"adapter name {name!r} is not valid: 1-128 characters from letters, digits "
                                f"and . _ : @ + / -, starting with a letter or digit")
         path = Path(path)
         with self._lock:
             self._check_name_free(name, replace)
-            entry = AdapterEntry(name, path, 0, [], 0, owns_path=_owns_path)
+            entry = AdapterEntry(name, path, 0, [], 0, owns_path=_owns_path,
+                                 roots=None if roots is None else tuple(Path(r) for r in roots))
             if pin:  # claimed in the same hold of the lock as the check, so racing pins cannot all pass it
                 self._check_pin_room(replacing=self._names.get(name))
                 entry.pinned = True
             self._loading[name] = entry
         try:
-            adapter, row, entry.read_seconds = self._read_to_row(path)
+            adapter, row, entry.read_seconds = self._read_to_row(entry)
             entry.rank, entry.targets = adapter.max_rank, sorted(adapter.targets)
             entry.nbytes = adapter.nbytes()
         except BaseException:
@@ -323,7 +327,9 @@ class AdapterRegistry:
         out = self.work_dir / f"{_safe_dirname(name)}-{uuid.uuid4().hex[:8]}"
         with self._held([source for source, _ in sources]) as held:
             try:
-                adapters = [(self._read(entry.path), w) for entry, (_, w) in zip(held, sources)]
+                # bounded before anything is read: the same source named 64 times is read 64 times
+                check_merge_size(len(held), sum(e.nbytes for e in held) * 4 // self.pool.dtype.itemsize)
+                adapters = [(self._read(entry), w) for entry, (_, w) in zip(held, sources)]
                 merged = merge_adapters(adapters, method, max_rank=self.config.max_rank, **options)
                 write_peft_adapter(merged, out)
             except BaseException:
@@ -337,7 +343,7 @@ class AdapterRegistry:
             dest = Path(dest)
             if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
                 raise AdapterError(f"export destination {str(dest)!r} exists and is not an empty directory")
-            return write_peft_adapter(self._read(entry.path), dest)
+            return write_peft_adapter(self._read(entry), dest)
 
     def pin(self, name: str, pinned: bool = True) -> AdapterInfo:
         """Keep `name` in a GPU slot (loaded at the next step) or let it be evicted again."""
@@ -444,15 +450,16 @@ class AdapterRegistry:
 
     # -- internals (under the lock unless noted) ------------------------------------------
 
-    def _read(self, path: Path) -> LoRAAdapter:
-        """Read and validate (no lock held: this is the slow, file-bound part)."""
-        return read_peft_adapter(path, self.spec, max_rank=self.config.max_rank,
-                                 max_file_bytes=self.config.max_file_bytes, dtype=self.pool.dtype)
+    def _read(self, entry: AdapterEntry) -> LoRAAdapter:
+        """Read and validate `entry`'s files (no lock held: this is the slow, file-bound part)."""
+        return read_peft_adapter(entry.path, self.spec, max_rank=self.config.max_rank,
+                                 max_file_bytes=self.config.max_file_bytes, dtype=self.pool.dtype,
+                                 roots=entry.roots)
 
-    def _read_to_row(self, path: Path) -> tuple[LoRAAdapter, SlotRow, float]:
+    def _read_to_row(self, entry: AdapterEntry) -> tuple[LoRAAdapter, SlotRow, float]:
         """File -> validated adapter -> packed host row, and the seconds it took (no lock held)."""
         started = time.monotonic()
-        adapter = self._read(path)
+        adapter = self._read(entry)
         row = self._take_row()
         try:
             self.pool.pack(row, adapter.modules)
@@ -710,7 +717,7 @@ class AdapterRegistry:
     def _read_to_host(self, entry: AdapterEntry) -> None:
         """Loader thread: disk -> host row for an entry a request is waiting for."""
         try:
-            _, row, read_seconds = self._read_to_row(entry.path)
+            _, row, read_seconds = self._read_to_row(entry)
         except Exception as exc:
             log.error("adapter %s: page-in from %s failed: %s", entry.name, entry.path, exc)
             with self._lock:

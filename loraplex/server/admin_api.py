@@ -62,7 +62,8 @@ def _check_name(state: ServerState, name: str) -> None:
 async def register(state: ServerState, name: str, path: str, replace: bool = False, pin: bool = False):
     _check_name(state, name)
     real = await _call(state.resolve_adapter_path, path)
-    return await _call(state.registry.register, name, real, replace=replace, pin=pin)
+    return await _call(state.registry.register, name, real, replace=replace, pin=pin,
+                       roots=[str(r) for r in state.adapter_roots])
 
 
 async def unload(state: ServerState, name: str, force: bool):

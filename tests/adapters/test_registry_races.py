@@ -26,10 +26,10 @@ def gate_reads(registry, path) -> threading.Event:
     gate = threading.Event()
     read = registry._read
 
-    def slow_read(p):
-        if Path(p) == Path(path):
+    def slow_read(entry):
+        if Path(entry.path) == Path(path):
             gate.wait(WAIT)
-        return read(p)
+        return read(entry)
 
     registry._read = slow_read
     return gate
@@ -104,12 +104,12 @@ def test_racing_pins_cannot_take_every_slot(world):
     both_reading = threading.Barrier(2, timeout=0.5)  # holds the race window open
     read = registry._read
 
-    def read_when_both_read(path):
+    def read_when_both_read(entry):
         try:
             both_reading.wait()
         except threading.BrokenBarrierError:
             pass  # the other register was refused before its read
-        return read(path)
+        return read(entry)
 
     registry._read = read_when_both_read
     results = {}
@@ -219,4 +219,44 @@ def test_merged_directories_are_removed_off_the_engine_thread_and_outside_the_lo
     finally:
         proceed.set()
     eventually(lambda: not merged.exists(), "the merged directory's removal")
+    registry.close()
+
+
+def test_every_later_read_of_a_client_named_adapter_stays_inside_its_roots(world, tmp_path):
+    """Checked once at registration was not enough: a file swapped for a link out of the roots
+    afterwards was read at the next page-in, merge or export."""
+    import pytest
+
+    from loraplex.adapters.peft_format import AdapterError
+
+    root, _, _, adapters = world
+    inside = tmp_path / "root"
+    shutil.copytree(adapters["r0"], inside / "r0")
+    registry, _ = make(world)
+    registry.register("client", inside / "r0", roots=[inside])
+    assert registry.export("client", tmp_path / "out").exists()  # a read inside the roots
+    config = inside / "r0" / "adapter_config.json"
+    config.unlink()
+    config.symlink_to(adapters["r1"] / "adapter_config.json")  # the same format, outside every root
+    with pytest.raises(AdapterError, match="outside the allowed adapter roots"):
+        registry.export("client", tmp_path / "out2")
+    registry.register("trusted", adapters["r2"])  # the operator's --adapter: no roots, links allowed
+    registry.close()
+
+
+def test_a_merge_is_bounded_before_its_sources_are_read(world):
+    import pytest
+
+    from loraplex.adapters.merge import MAX_MERGE_SOURCES
+    from loraplex.adapters.peft_format import AdapterError
+
+    _, _, _, adapters = world
+    registry, _ = make(world)
+    registry.register("r0", adapters["r0"])
+    reads = []
+    read = registry._read
+    registry._read = lambda entry: reads.append(entry.name) or read(entry)
+    with pytest.raises(AdapterError, match=f"at most {MAX_MERGE_SOURCES} sources"):
+        registry.merge("huge", "linear", [("r0", 1.0)] * (MAX_MERGE_SOURCES + 1))
+    assert reads == []
     registry.close()
