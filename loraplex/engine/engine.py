@@ -154,15 +154,15 @@ class Engine:
         if req.request_id in self.requests:
             raise RequestError(f"request id {req.request_id!r} is already running")
         self.check_request(len(req.prompt_ids), req.params.max_tokens, req.adapter)
-        if req.adapter is not None:
-            req.adapter_ref = self.adapters.acquire(req.adapter)
-        req.generator = make_generator(req.params.seed, self.model.device)
         if req.params.stop and not req.detokenize:
             raise RequestError("a request with stop strings must be detokenized by the engine")
+        req.generator = make_generator(req.params.seed, self.model.device)
         if req.detokenize:
             req.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, req.prompt_ids, stop=req.params.stop,
                 include_stop=req.params.include_stop_str_in_output)
+        if req.adapter is not None:  # last: a request refused above holds no adapter reference
+            req.adapter_ref = self.adapters.acquire(req.adapter)
         self.requests[req.request_id] = req
         self.scheduler.add(req)
 
