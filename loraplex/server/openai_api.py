@@ -215,9 +215,9 @@ async def run_jobs(state: ServerState, jobs: list[Job], adapter: str | None, mod
                 job.tokens = out.completion_tokens
                 if out.finished:
                     job.finish = out.finish_reason
-                    metrics.observe_request(model, out.finish_reason.value, out.prompt_tokens, out.completion_tokens,
-                                            now - arrival, out.queue_seconds,
-                                            None if job.first_token is None else job.first_token - arrival)
+                    observe_finished(state, model, out.finish_reason.value, out.prompt_tokens, out.completion_tokens,
+                                     now - arrival, out.queue_seconds,
+                                     None if job.first_token is None else job.first_token - arrival)
                 pairs.append((job, out))
             yield pairs
         left_early = False
@@ -229,8 +229,16 @@ async def run_jobs(state: ServerState, jobs: list[Job], adapter: str | None, mod
         if left_early:  # its unfinished jobs were aborted: count them, as the engine's aborts are
             now = time.monotonic()
             for job in (j for j in jobs if j.finish is None):
-                metrics.observe_request(model, "abort", len(job.prompt_ids), job.tokens, now - arrival, None,
-                                        None if job.first_token is None else job.first_token - arrival)
+                observe_finished(state, model, "abort", len(job.prompt_ids), job.tokens, now - arrival, None,
+                                 None if job.first_token is None else job.first_token - arrival)
+
+
+def observe_finished(state: ServerState, model: str, *observation) -> None:
+    """metrics.observe_request; for an adapter unloaded meanwhile, its series are dropped again
+    after (the unload dropped them, and a request it let finish would bring them back for good)."""
+    state.metrics.observe_request(model, *observation)
+    if model != state.model_name and not state.registry.has(model):
+        state.metrics.forget_adapter(model)
 
 
 def as_api_error(exc: Exception, request_id: str) -> APIError:
