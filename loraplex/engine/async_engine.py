@@ -141,6 +141,7 @@ class AsyncEngine:
         # the engine thread touches it (requests' on_output, _flush).
         self._outbox: list[tuple[Any, tuple]] = []
         self.handoffs = 0           # cross-thread hand-offs made (call_soon_threadsafe calls)
+        self.taken = 0              # requests the engine thread has taken in (queued or refused)
 
     def start(self) -> AsyncEngine:
         self._thread.start()
@@ -361,12 +362,15 @@ class AsyncEngine:
     def _add(self, reqs: list[Request]) -> None:
         """Engine thread: admit `reqs`; on the first refusal (e.g. the adapter was unloaded
         since check_request), post the error and admit none of the rest."""
-        for req in reqs:
-            try:
-                self.engine.add_request(req)
-            except Exception as exc:
-                req.on_output(exc)
-                return
+        try:
+            for req in reqs:
+                try:
+                    self.engine.add_request(req)
+                except Exception as exc:
+                    req.on_output(exc)
+                    return
+        finally:
+            self.taken += len(reqs)  # after they are queued: `waiting` counts them from now on
 
     def post(self, command: Callable[[], None]) -> None:
         """Run `command` on the engine thread between steps (errors are logged)."""

@@ -161,8 +161,11 @@ class EngineServer:
             pass
 
     def status(self) -> tuple:
+        """((taken, waiting), health, step failures, died): `taken` is read first, so a request
+        queued between the two reads is counted in both (the API side over-counts, never under)."""
         e = self.async_engine
-        return len(e.engine.scheduler.waiting), e.health, e.step_failures, e.died
+        taken = e.taken
+        return (taken, len(e.engine.scheduler.waiting)), e.health, e.step_failures, e.died
 
     def serve(self) -> None:
         last_status, last_sent = (None, None, None, None), 0.0
@@ -258,7 +261,10 @@ class EngineClient:
         self.failed: str | None = None
         self.ready = threading.Event()
         self.stopped = False                 # shutdown() was called
-        self.waiting = 0
+        # Queue depth: the engine's, as last reported, plus the requests sent since that it had
+        # not taken in yet (a burst would otherwise pass --max-queue on a 50 ms old figure).
+        self._sent = 0                       # requests sent in "add" messages
+        self._taken, self._reported_waiting = 0, 0
         self._health: str | None = None
         self.step_failures = 0
         self.died = False
@@ -272,6 +278,11 @@ class EngineClient:
         loop.call_soon_threadsafe(loop.add_reader, self.out.fileno(), self._read_out)
 
     # -- state ------------------------------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued in the engine, not yet admitted to a step (see __init__)."""
+        return self._reported_waiting + max(0, self._sent - self._taken)
 
     @property
     def running(self) -> bool:
@@ -314,6 +325,7 @@ class EngineClient:
             self._streams[request_id] = stream
         unfinished = {request_id for request_id, _, _ in jobs}
         try:
+            self._sent += len(jobs)
             self._send(("add", adapter, [(r, list(p), params) for r, p, params in jobs]))
             async for batch in consume(stream, jobs, unfinished, self.tokenizer):
                 yield batch
@@ -345,7 +357,7 @@ class EngineClient:
 
     def _set_status(self, status: tuple) -> None:
         """EngineServer.status() as last sent (with outputs, or on its own)."""
-        self.waiting, self._health, self.step_failures, self.died = status
+        (self._taken, self._reported_waiting), self._health, self.step_failures, self.died = status
 
     def _deliver(self, items: list) -> None:
         """Outputs by request id into their streams; those whose consumer left are dropped."""
