@@ -31,6 +31,7 @@ the key or field, never mid-request. Semantics follow peft 0.21; the subtle part
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -717,6 +718,17 @@ def _module_order(module: str) -> tuple[int, int]:
     return int(match.group(1)), LINEAR_NAMES.index(match.group(2))
 
 
+@dataclass
+class ConfigCheck:
+    """One adapter's last validated adapter_config.json: a later read of the same bytes (a
+    page-in from disk, a merge, an export) reuses its parsed config and compiled patterns,
+    and the rank / alpha already matched per module, instead of checking it all again."""
+
+    data: bytes | None = None
+    config: dict | None = None
+    settings: _LoraSettings | None = None
+
+
 def read_peft_adapter(
     path: str | os.PathLike,
     spec: BaseModelSpec | None = None,
@@ -725,12 +737,14 @@ def read_peft_adapter(
     max_file_bytes: int = 2 << 30,
     dtype: torch.dtype = torch.float32,
     roots: Sequence[str | os.PathLike] | None = None,
+    checked: ConfigCheck | None = None,
 ) -> LoRAAdapter:
     """Read and validate a peft LoRA adapter directory; raise AdapterError, never half-load.
 
     With `spec`, the adapter must fit the served base model exactly (layers, shapes, class).
     With `roots` (a client named the path), every file opened must resolve inside one of
-    them (see safe_files); None trusts the path (the operator's own --adapter).
+    them (see safe_files); None trusts the path (the operator's own --adapter). With
+    `checked`, an unchanged config is not checked again (and a changed one is, and kept).
     """
     real_roots = None if roots is None else [Path(os.path.realpath(r)) for r in roots]
     config_path, weights_path = _locate_files(Path(path), real_roots)
@@ -738,13 +752,25 @@ def read_peft_adapter(
         # both opened (and their sizes checked) before anything is read
         config_file = files.enter_context(_open(config_path, real_roots, _MAX_CONFIG_BYTES))
         weights_file = files.enter_context(_open(weights_path, real_roots, max_file_bytes))
-        config = _load_config(config_file.read())
+        config, settings = _checked_config(config_file.read(), checked)
         with _pattern_errors():
-            settings = _parse_settings(config)
             _check_base_model(config, spec)
             with _safetensors(weights_file) as f:
                 modules = _read_modules(f, settings, spec, max_rank, dtype)
     return LoRAAdapter(modules=modules, config=config)
+
+
+def _checked_config(data: bytes, checked: ConfigCheck | None) -> tuple[dict, _LoraSettings]:
+    """The config and its settings from `data`: from `checked` when it holds these bytes."""
+    if checked is not None and checked.data == data:
+        checked.settings.budget.left = checked.settings.budget.total  # for modules not matched yet
+        return copy.deepcopy(checked.config), checked.settings
+    config = _load_config(data)
+    with _pattern_errors():
+        settings = _parse_settings(config)
+    if checked is not None:
+        checked.data, checked.config, checked.settings = data, copy.deepcopy(config), settings
+    return config, settings
 
 
 @contextmanager

@@ -42,7 +42,8 @@ from ..engine.adapters import UnknownAdapterError
 from ..engine.request import FinishReason
 from ..kernels.lora_slots import SlotRow
 from .merge import check_merge_size, merge_adapters
-from .peft_format import AdapterError, BaseModelSpec, LoRAAdapter, read_peft_adapter, write_peft_adapter
+from .peft_format import (AdapterError, BaseModelSpec, ConfigCheck, LoRAAdapter, read_peft_adapter,
+                          write_peft_adapter)
 
 log = logging.getLogger("loraplex.adapters")
 
@@ -88,6 +89,7 @@ class AdapterEntry:
     nbytes: int                           # compact size of its A and B (as stored)
     owns_path: bool = False               # a merged adapter's directory, removed when gone
     roots: tuple[Path, ...] | None = None # a client named the path: every read stays inside these
+    checked: ConfigCheck = field(default_factory=ConfigCheck)  # its config, checked once for all reads
     state: str = "loading"                # loading | ready | draining | gone
     pinned: bool = False
     host: SlotRow | None = None           # host tier: packed, pinned row (its GPU slot: `GpuSlots.of`)
@@ -454,7 +456,7 @@ class AdapterRegistry:
         """Read and validate `entry`'s files (no lock held: this is the slow, file-bound part)."""
         return read_peft_adapter(entry.path, self.spec, max_rank=self.config.max_rank,
                                  max_file_bytes=self.config.max_file_bytes, dtype=self.pool.dtype,
-                                 roots=entry.roots)
+                                 roots=entry.roots, checked=entry.checked)
 
     def _read_to_row(self, entry: AdapterEntry) -> tuple[LoRAAdapter, SlotRow, float]:
         """File -> validated adapter -> packed host row, and the seconds it took (no lock held)."""

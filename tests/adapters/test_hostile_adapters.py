@@ -271,3 +271,24 @@ def test_merge_size_is_bounded():
         merge_adapters([(adapter, 1.0)] * 3, "linear", max_bytes=2 * nbytes)
     with pytest.raises(MergeError, match=f"at most {MAX_MERGE_SOURCES} sources"):
         merge_adapters([(adapter, 1.0)] * (MAX_MERGE_SOURCES + 1), "cat")
+
+
+def test_an_unchanged_config_is_checked_once_for_every_read(tmp_path, monkeypatch):
+    """Page-ins from disk, merges and exports read an adapter again: its config (patterns
+    compiled, modules matched) is checked once, and again only when its bytes change."""
+    import loraplex.adapters.peft_format as peft_format
+    from loraplex.adapters.peft_format import ConfigCheck
+
+    path = write_peft_adapter(_adapter(), tmp_path / "a")
+    parses = []
+    parse = peft_format._parse_settings
+    monkeypatch.setattr(peft_format, "_parse_settings", lambda config: parses.append(1) or parse(config))
+    checked = ConfigCheck()
+    first = read_peft_adapter(path, checked=checked)
+    assert read_peft_adapter(path, checked=checked) == first and len(parses) == 1
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["lora_alpha"] = config["lora_alpha"] * 2  # a changed config is checked, and kept, anew
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    changed = read_peft_adapter(path, checked=checked)
+    assert len(parses) == 2 and changed != first
+    assert read_peft_adapter(path, checked=checked) == changed and len(parses) == 2
