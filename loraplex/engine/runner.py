@@ -6,8 +6,6 @@ by the step in flight: its input id is then taken from that step's tokens, on th
 
 from __future__ import annotations
 
-import array
-
 import torch
 
 from ..kernels.lora import BatchMeta
@@ -15,10 +13,8 @@ from ..model.llama import CausalLM
 from ..model.step import PrefillChunk, StepMeta
 from .cuda_graphs import DecodeGraphs
 from .request import Request
+from .sampling import on_device
 from .scheduler import ScheduledStep
-
-
-_TYPECODES = {torch.int32: "i", torch.int64: "q"}
 
 
 class ModelRunner:
@@ -29,12 +25,7 @@ class ModelRunner:
         self.graphs = graphs  # replays decode-only steps when set (CUDA)
 
     def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        # through array.array: a third of torch.tensor(list)'s time for the step's index lists
-        t = torch.frombuffer(array.array(_TYPECODES[dtype], values), dtype=dtype) if values else \
-            torch.empty(0, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        return on_device(values, self.device, dtype)
 
     def _rows(self, table: list[int], start: int, end: int) -> list[int]:
         """Flat KV cache rows of positions start .. end-1 of a sequence with block `table`."""

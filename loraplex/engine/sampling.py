@@ -10,6 +10,7 @@ theirs from the default generator in one call.
 
 from __future__ import annotations
 
+import array
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -128,11 +129,19 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     return generator
 
 
+_TYPECODES = {torch.int32: "i", torch.int64: "q"}
+
+
 def on_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A small host list on `device` without waiting for the device: a plain
     `torch.tensor(values, device="cuda")` synchronizes the stream, which would stall the host
-    until the step in flight is done (see Engine's async scheduling)."""
-    t = torch.tensor(values, dtype=dtype)
+    until the step in flight is done (see Engine's async scheduling). Integer lists of a given
+    dtype go through array.array: a third of torch.tensor(list)'s time (the step's index lists)."""
+    if dtype in _TYPECODES:
+        t = torch.frombuffer(array.array(_TYPECODES[dtype], values), dtype=dtype) if values else \
+            torch.empty(0, dtype=dtype)
+    else:
+        t = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t

@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from .. import __version__
 from . import admin_api, openai_api
 from .auth import require_metrics_key
-from .errors import CatchAll, document_real_statuses, error_body, install_error_handlers
+from .errors import CatchAll, document_real_statuses, install_error_handlers, send_error
 from .state import ServerState
 
 
@@ -48,10 +48,7 @@ class BodyLimit:
 
     async def _reject(self, send):
         self.on_error(413)
-        body = json.dumps(error_body(413, f"request body larger than {self.limit} bytes")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"request body larger than {self.limit} bytes")
 
 
 def create_app(state: ServerState, start: bool = True) -> FastAPI:

@@ -157,8 +157,12 @@ class CatchAll:
             if started:  # too late for a status: end the body so the connection stays in step
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
-            body = json.dumps(error_body(500, internal_error("internal server error", ref))).encode()
-            await send({"type": "http.response.start", "status": 500,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await send_error(send, 500, internal_error("internal server error", ref))
+
+
+async def send_error(send, status: int, message: str) -> None:
+    """An error response in the API's body, straight through ASGI (for middleware)."""
+    body = json.dumps(error_body(status, message)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -286,11 +286,7 @@ async def unless_client_leaves(request: Request, work) -> bool:
     """Await `work`; False if the client hung up first, after cancelling it (which aborts its
     engine requests): a non-streaming request must not run to max_tokens for nobody."""
     task = asyncio.ensure_future(work)
-
-    async def hang_up():
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-    watcher = asyncio.ensure_future(hang_up())
+    watcher = asyncio.ensure_future(sse.disconnected(request.receive))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -52,6 +52,12 @@ class ChunkEncoder:
                 f'"finish_reason":null}}]}}\n\n')
 
 
+async def disconnected(receive) -> None:
+    """Return once the client has hung up (ASGI: after the body, `receive` waits for that)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class EventStream(Response):
     """A text/event-stream response over an async iterator of bytes, as Starlette's
     StreamingResponse, but watching for the client's disconnect with one plain asyncio task
@@ -73,8 +79,7 @@ class EventStream(Response):
 
         async def watch():
             nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            await disconnected(receive)
             gone = True
             task.cancel()
         watcher = asyncio.create_task(watch())
