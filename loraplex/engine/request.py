@@ -39,6 +39,9 @@ class RequestOutput:
     completion_tokens: int = 0
     error: str | None = None
     queue_seconds: float | None = None   # on the finished output: arrival -> first admission (None: never ran)
+    stop_reason: int | str | None = None  # on a STOP output: the stop token id or stop string that ended it (None: EOS)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first output, when asked for: one per
+                                                              # prompt token (the first is None, as in vLLM)
 
 
 @dataclass(eq=False)

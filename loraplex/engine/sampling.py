@@ -22,6 +22,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256     # a stop string is matched against the text's tail at every token
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024           # OpenAI caps logit_bias at 300 tokens; vLLM sets no cap
+MAX_REPETITION_PENALTY = 100.0
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 _FP32_TINY = torch.finfo(torch.float32).tiny
 
@@ -49,6 +51,17 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None     # None = off; k >= 0: chosen token's logprob plus top k
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # special tokens left out of the output text
+    # Logits processing, per row (vLLM's order: logit_bias, min_tokens, then the penalties, on
+    # the raw logits, so greedy rows see them too; min_p after temperature, before top-k/top-p).
+    min_tokens: int = 0             # EOS and stop_token_ids cannot end the output before this many tokens
+    min_p: float = 0.0              # [0, 1]: drop tokens below min_p x the likeliest token's probability
+    repetition_penalty: float = 1.0  # > 0; CTRL's: a seen token's logit / p if > 0, else * p (prompt + output)
+    presence_penalty: float = 0.0   # [-2, 2], OpenAI's: minus this once for every token already generated
+    frequency_penalty: float = 0.0  # [-2, 2], OpenAI's: minus this times the token's count in the output
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, [-100, 100]
+    prompt_logprobs: int | None = None  # None = off; k >= 0: each prompt token's logprob plus top k
+    grammar: object | None = None   # structured output: a grammar.GrammarSpec (the output must match it)
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -102,9 +115,46 @@ class SamplingParams:
             raise ValueError("include_stop_str_in_output must be a boolean, "
                              f"got {self.include_stop_str_in_output!r}")
 
-        lp = self.logprobs
-        if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer between 0 and {MAX_LOGPROBS}, got {lp!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            lp = getattr(self, name)
+            if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer between 0 and {MAX_LOGPROBS}, got {lp!r}")
+
+        if not isinstance(self.skip_special_tokens, bool):
+            raise ValueError(f"skip_special_tokens must be a boolean, got {self.skip_special_tokens!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens})")
+        if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        self.min_p = float(self.min_p)
+        rp = self.repetition_penalty
+        if not _is_real(rp) or not math.isfinite(rp) or not 0 < rp <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got {rp!r}")
+        self.repetition_penalty = float(rp)
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not -2 <= v <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {v!r}")
+            setattr(self, name, float(v))
+        bias = self.logit_bias if self.logit_bias is not None else {}
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must map token ids to numbers, got {type(bias).__name__}")
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}")
+        for t, v in bias.items():
+            if not _is_int(t) or t < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
+            if not _is_real(v) or not -100 <= v <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {v!r} for token {t}")
+        self.logit_bias = {t: float(v) for t, v in bias.items()}
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the row's logits change before sampling (bias, min_tokens, penalties, min_p)."""
+        return bool(self.logit_bias or self.min_tokens or self.min_p or self.repetition_penalty != 1
+                    or self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:
