@@ -83,8 +83,9 @@ class OutputStream:
 
 def engine_detokenizes(params: SamplingParams) -> bool:
     """Whether the engine makes a request's text: only with stop strings, which must end
-    generation at the token that completes them; the consumer makes every other text."""
-    return bool(params.stop)
+    generation at the token that completes them, or a grammar, which may end it at any token;
+    the consumer makes every other text (where a STOP output always ends in a stop token)."""
+    return bool(params.stop) or params.grammar is not None
 
 
 def deliver(batch: list[tuple[OutputStream, RequestOutput | Exception]]) -> None:
@@ -101,7 +102,8 @@ async def consume(stream: OutputStream, jobs: Sequence[tuple[str, list[int], Sam
                   tokenizer) -> AsyncIterator[list[RequestOutput]]:
     """The batches of `stream` until every request in `unfinished` (emptied as they finish) has
     had its last output; the text of requests without stop strings is made here."""
-    texts = {request_id: IncrementalDetokenizer(tokenizer, prompt_ids)
+    texts = {request_id: IncrementalDetokenizer(tokenizer, prompt_ids,
+                                                skip_special_tokens=params.skip_special_tokens)
              for request_id, prompt_ids, params in jobs if not engine_detokenizes(params)}
     while unfinished:
         batch = []

@@ -45,7 +45,7 @@ class IncrementalDetokenizer:
     """
 
     __slots__ = ("_decode_ids", "_flushed", "_ids", "_include_stop", "_max_hold", "_parts", "_pending", "_read",
-                 "_read_text", "_skip_special", "_stop_starts", "_stopped", "_stops", "_tokenizer")
+                 "_read_text", "_skip_special", "_stop_starts", "_stopped", "_stop_string", "_stops", "_tokenizer")
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] | str = (),
                  include_stop: bool = False, skip_special_tokens: bool = True) -> None:
@@ -70,6 +70,7 @@ class IncrementalDetokenizer:
         self._pending = ""             # decoded, not emitted: might be the start of a stop string
         self._parts: list[str] = []    # emitted text, joined on demand
         self._stopped = False
+        self._stop_string: str | None = None
         self._flushed = False
 
     @property
@@ -84,15 +85,21 @@ class IncrementalDetokenizer:
         """Whether a stop string was hit (by push, or by flush on the last held text)."""
         return self._stopped
 
-    def push(self, token_id: int) -> tuple[str, bool]:
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that was hit, if one was."""
+        return self._stop_string
+
+    def push(self, token_id: int, may_stop: bool = True) -> tuple[str, bool]:
         """Add one generated token; return the text newly safe to emit and whether a stop
-        string was hit (then the text ends at, or with, the stop string)."""
+        string was hit (then the text ends at, or with, the stop string). With `may_stop`
+        False (min_tokens not reached yet) the text is emitted whole, unmatched."""
         if self._flushed:
             raise RuntimeError("push() after flush(): the output has already ended")
         if self._stopped:
             return "", True
         self._ids.append(token_id)
-        return self._emit(self._advance(final=False), final=False)
+        return self._emit(self._advance(final=False), final=False, may_stop=may_stop)
 
     def flush(self) -> str:
         """End of output for a reason other than a stop string: return what was held back
@@ -149,9 +156,9 @@ class IncrementalDetokenizer:
         self._read_text = self._decode(self._ids)
         return new
 
-    def _emit(self, new: str, final: bool) -> tuple[str, bool]:
+    def _emit(self, new: str, final: bool, may_stop: bool = True) -> tuple[str, bool]:
         text = self._pending + new
-        if not self._stops:
+        if not self._stops or not may_stop:
             self._pending = ""
             return self._record(text), False
 
@@ -167,6 +174,7 @@ class IncrementalDetokenizer:
             end, start = best
             self._pending = ""
             self._stopped = True
+            self._stop_string = text[start:end]
             return self._record(text[:end] if self._include_stop else text[:start]), True
 
         hold = 0 if final else self._held_length(text)

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from ..kernels import runtime
 from ..model.llama import CausalLM
 from . import launches
@@ -30,8 +32,9 @@ from .cuda_graphs import DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockAllocator, KVCache, blocks_for_memory
 from .request import FinishReason, Request, RequestOutput, Status
+from .prompt_logprobs import PromptLogprobs
 from .runner import ModelRunner
-from .sampling import Draw, SamplingParams, draw, make_generator
+from .sampling import Draw, SamplingParams, check_vocab, draw, make_generator
 from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 
 log = logging.getLogger("loraplex.engine")
@@ -77,6 +80,8 @@ class InFlight:
     draw: Draw
     stats: StepStats         # seconds filled in when its tokens are in
     started: float           # time.monotonic() when it was scheduled
+    prompt: PromptLogprobs | None = None  # the step's prompt logprobs, when a prefill asked for them
+    constrained: bool = False  # a row follows a grammar: its next step needs these tokens on the host
 
 
 class RequestError(ValueError):
@@ -136,6 +141,7 @@ class Engine:
         self.async_scheduling = (model.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
         self._in_flight: InFlight | None = None
+        self._grammars = None  # GrammarCompiler, on first use (grammars())
         self.requests: dict[str, Request] = {}
         self.last_step: ScheduledStep | None = None
         self.on_step: Callable[[StepStats], None] | None = None  # called after every step that ran
@@ -154,13 +160,27 @@ class Engine:
         if req.request_id in self.requests:
             raise RequestError(f"request id {req.request_id!r} is already running")
         self.check_request(len(req.prompt_ids), req.params.max_tokens, req.adapter)
-        if req.params.stop and not req.detokenize:
-            raise RequestError("a request with stop strings must be detokenized by the engine")
+        try:
+            check_vocab(req.params, self.model.config.vocab_size)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        if (req.params.stop or req.params.grammar is not None) and not req.detokenize:
+            raise RequestError("a request with stop strings or a grammar must be detokenized by the engine")
+        if req.params.grammar is not None:
+            from .grammar import GrammarError
+
+            try:
+                req.matcher = self.grammars().matcher(req.params.grammar)
+            except GrammarError as exc:
+                raise RequestError(f"the structured output cannot be compiled: {exc}") from None
         req.generator = make_generator(req.params.seed, self.model.device)
+        if req.params.prompt_logprobs is not None:  # nothing predicts the first token
+            req.prompt_logprobs, req.prompt_logprobs_done = [None], 0
         if req.detokenize:
             req.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, req.prompt_ids, stop=req.params.stop,
-                include_stop=req.params.include_stop_str_in_output)
+                include_stop=req.params.include_stop_str_in_output,
+                skip_special_tokens=req.params.skip_special_tokens)
         if req.adapter is not None:  # last: a request refused above holds no adapter reference
             req.adapter_ref = self.adapters.acquire(req.adapter)
         self.requests[req.request_id] = req
@@ -200,6 +220,10 @@ class Engine:
                 self.abort_holding(handle, reason, message)
         try:
             started = time.monotonic()
+            if self._in_flight is not None and self._in_flight.constrained:
+                # a grammar's next mask needs its newest token on the host: no overlap for this step
+                done, self._in_flight = self._in_flight, None
+                self._land(done)
             sched = self.scheduler.schedule()
             self.last_step = sched
             launched = None if sched.empty else self._launch(sched, started)
@@ -217,8 +241,12 @@ class Engine:
     def _launch(self, sched: ScheduledStep, started: float) -> InFlight:
         """Queue the step's model run and sampling on the device."""
         pending = None if self._in_flight is None else self._in_flight.draw.tokens
-        logits, sampled = self.runner.run(sched, pending)
-        drawn = draw(logits, [r.params for r in sampled], [r.generator for r in sampled])
+        logits, sampled, prompt = self.runner.run(sched, pending)
+        # penalties and min_tokens read each request's tokens, its pending one from `pending`
+        constrained = any(r.matcher is not None for r in sampled)
+        drawn = draw(logits, [r.params for r in sampled], [r.generator for r in sampled], history=sampled,
+                     pending_tokens=pending, eos_token_ids=self.eos_token_ids,
+                     bitmask=self._grammar_bitmask(sampled, logits.device) if constrained else None)
         for req, n in sched.prefills:
             req.num_computed += n
         for req in sched.decodes:
@@ -229,12 +257,34 @@ class Engine:
         adapters = {r.adapter_ref for r, _ in sched.prefills} | {r.adapter_ref for r in sched.decodes}
         stats = StepStats(sum(n for _, n in sched.prefills), len(sched.decodes), len(adapters - {None}),
                           0.0, len(sched.preempted))
-        return InFlight(sampled, drawn, stats, started)
+        return InFlight(sampled, drawn, stats, started, prompt, constrained)
+
+    def grammars(self):
+        """The structured-output compiler (built on first use: most engines never need one)."""
+        if self._grammars is None:
+            from .grammar import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
+        return self._grammars
+
+    def _grammar_bitmask(self, sampled: list[Request], device) -> torch.Tensor:
+        """The allowed tokens of each row [B, ceil(V/32)] (all allowed for unconstrained rows)."""
+        from .grammar import new_bitmask
+
+        bitmask = new_bitmask(len(sampled), self.model.config.vocab_size)
+        for row, req in enumerate(sampled):
+            if req.matcher is not None:
+                req.matcher.fill_bitmask(bitmask[row])
+        if device.type == "cuda":
+            return bitmask.pin_memory().to(device, non_blocking=True)
+        return bitmask
 
     def _land(self, flight: InFlight) -> None:
         """Wait for a launched step's tokens and postprocess them (those of requests that ended
         since it was launched are dropped)."""
         tokens, logprobs = flight.draw.to_host()
+        if flight.prompt is not None:  # before the tokens: a request's first output carries them
+            flight.prompt.land()
         now = time.monotonic()
         for req, token, lp in zip(flight.sampled, tokens, logprobs):
             req.pending -= 1
@@ -249,13 +299,23 @@ class Engine:
         if req.first_token_time is None:
             req.first_token_time = now
         p = req.params
-        reason, text, hit = None, "", False
-        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+        reason, stop_reason, text, hit = None, None, "", False
+        grammar_done = False
+        if req.matcher is not None:
+            if not req.matcher.accept(token):  # the mask allows only what it accepts: a bug if it happens
+                self._finish(req, FinishReason.ERROR, error="the output left its structured-output grammar")
+                return
+            grammar_done = req.matcher.is_finished()
+        may_stop = len(req.output_ids) > p.min_tokens  # (the sampler keeps EOS and stop ids out before)
+        if may_stop and (token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos)):
             reason = FinishReason.STOP  # a stop token's text is not part of the output
+            stop_reason = token if token in p.stop_token_ids else None  # None = EOS, as vLLM reports it
         else:
             if req.detokenizer is not None:
-                text, hit = req.detokenizer.push(token)
+                text, hit = req.detokenizer.push(token, may_stop=len(req.output_ids) >= p.min_tokens)
             if hit:
+                reason, stop_reason = FinishReason.STOP, req.detokenizer.stop_string
+            elif grammar_done:  # nothing but the end can follow (an EOS under ignore_eos, or the grammar's end)
                 reason = FinishReason.STOP
             elif (len(req.output_ids) >= p.max_tokens
                   or len(req.prompt_ids) + len(req.output_ids) >= self.max_model_len):  # (pending not counted)
@@ -265,10 +325,12 @@ class Engine:
             self._emit(req, RequestOutput(req.request_id, [token], text, lps))
         else:
             # after a stop string nothing more is emitted; otherwise release held-back text
-            self._finish(req, reason, token_ids=[token], text=text, logprobs=lps, flush=not hit)
+            self._finish(req, reason, token_ids=[token], text=text, logprobs=lps, flush=not hit,
+                         stop_reason=stop_reason)
 
     def _finish(self, req: Request, reason: FinishReason, *, token_ids: list[int] | None = None, text: str = "",
-                logprobs=None, error: str | None = None, flush: bool = True) -> None:
+                logprobs=None, error: str | None = None, flush: bool = True,
+                stop_reason: int | str | None = None) -> None:
         if req.status is Status.FINISHED:
             return
         self.scheduler.remove(req)
@@ -279,14 +341,17 @@ class Engine:
         if flush and req.detokenizer is not None:
             text += req.detokenizer.flush()
             if req.detokenizer.stopped:  # the held-back tail completed a stop string
-                reason = FinishReason.STOP
+                reason, stop_reason = FinishReason.STOP, req.detokenizer.stop_string
         req.finish_reason = reason
         queued = None if req.first_scheduled is None else req.first_scheduled - req.arrival
         self._emit(req, RequestOutput(req.request_id, token_ids or [], text, logprobs, finished=True,
-                                      finish_reason=reason, error=error, queue_seconds=queued))
+                                      finish_reason=reason, error=error, queue_seconds=queued,
+                                      stop_reason=stop_reason))
 
     def _emit(self, req: Request, out: RequestOutput) -> None:
         out.prompt_tokens, out.completion_tokens = len(req.prompt_ids), len(req.output_ids)
+        if req.prompt_logprobs is not None and len(req.prompt_logprobs) == len(req.prompt_ids):
+            out.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None  # whole, on the first output
         if req.on_output is not None:
             req.on_output(out)
 
@@ -304,7 +369,8 @@ class Engine:
         CUDA or under the interpreter), then a prefill of the whole token budget (the largest
         step: an out-of-memory shows now, not under load), a short generation on the base
         model and on each adapter in `adapters` in one batch, and last the decode CUDA graphs
-        are captured (nothing runs between capture and serving)."""
+        are captured (nothing runs between capture and serving). The structured-output
+        compiler's view of the tokenizer is built too."""
         if self.has_work():
             raise RuntimeError("warm_up() needs an idle engine")
         started = time.perf_counter()
@@ -319,6 +385,7 @@ class Engine:
         for i, adapter in enumerate([None, *adapters]):
             self.add_request(Request(f"warm-up-{i}", list(range(1, 9)), params, adapter))
         self.run_until_done()
+        self.grammars().ll_tokenizer  # built now (~1 s at a 128k vocabulary), not on a first structured request
         if self._capture_pending:
             self._capture_graphs()
         compiled = f", {runtime.compiled_kernels()} compiled kernels" if self.model.device.type == "cuda" else ""

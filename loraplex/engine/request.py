@@ -67,10 +67,15 @@ class Request:
     adapter_ref: Any = None              # the adapter provider's handle (held until finished)
     generator: torch.Generator | None = None
     detokenizer: Any = None
+    matcher: Any = None                  # grammar.Matcher of a structured-output request
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     first_token_time: float | None = None
     first_scheduled: float | None = None  # time.monotonic() of the first admission (queue time)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # collected as steps land, when asked for
+                                                              # ([None] first); None again once sent
+    prompt_logprobs_done: int = 0        # prompt positions whose logprobs were launched (not redone
+                                         # when a preempted request is recomputed)
 
     @property
     def all_ids(self) -> list[int]:

@@ -11,7 +11,9 @@ import torch
 from ..kernels.lora import BatchMeta
 from ..model.llama import CausalLM
 from ..model.step import PrefillChunk, StepMeta
+from . import prompt_logprobs
 from .cuda_graphs import DecodeGraphs
+from .prompt_logprobs import PromptLogprobs
 from .request import Request
 from .sampling import on_device
 from .scheduler import ScheduledStep
@@ -106,13 +108,20 @@ class ModelRunner:
         return self._input_ids(decode_start, ids, sched.decodes, pending_tokens), step, sampled
 
     def run(self, sched: ScheduledStep, pending_tokens: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, list[Request]]:
-        """Logits [len(sampled), V] fp32 for the requests that get a new token this step.
+            ) -> tuple[torch.Tensor, list[Request], PromptLogprobs | None]:
+        """Logits [len(sampled), V] fp32 for the requests that get a new token this step, and
+        the prompt logprobs of the step's prefill chunks that ask for them (queued on the
+        device, see `prompt_logprobs.py`; None when none do).
         `pending_tokens`: the tokens of the step in flight (async scheduling), else None."""
         if self.graphs is not None and not sched.prefills and len(sched.decodes) <= self.graphs.max_batch:
-            return self._replay(sched.decodes, pending_tokens), sched.decodes
+            return self._replay(sched.decodes, pending_tokens), sched.decodes, None
         input_ids, step, sampled = self.prepare(sched, pending_tokens)
-        return self.model(input_ids, step), sampled
+        wanted = prompt_logprobs.prompt_rows(sched) if sched.prefills else None
+        if wanted is None:
+            return self.model(input_ids, step), sampled, None
+        x, residual = self.model.hidden_states(input_ids, step)
+        logits = self.model.logits(x, residual, step.logits_rows)
+        return logits, sampled, prompt_logprobs.compute(self.model, x, residual, wanted)
 
     def _replay(self, decodes: list[Request], pending_tokens: torch.Tensor | None) -> torch.Tensor:
         tables, seq_lens = self._decode_tables(decodes)

@@ -106,10 +106,20 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, step: StepMeta) -> torch.Tensor:
+        return self.logits(*self.hidden_states(input_ids, step), step.logits_rows)
+
+    @torch.inference_mode()
+    def hidden_states(self, input_ids: torch.Tensor, step: StepMeta
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last layer's output [T, H] and the residual stream before it (not yet added)."""
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(x, residual, step)
-        rows = step.logits_rows
+        return x, residual
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor, residual: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [len(rows), V] of rows `rows` of `hidden_states`' result (final norm, lm_head)."""
         x, _ = self.norm(x[rows], None if residual is None else residual[rows])
         return F.linear(x, self.lm_head_weight).float()
 
