@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 
 from . import __version__
@@ -137,6 +138,20 @@ def serve(args: argparse.Namespace) -> int:
         print(f"loraplex serve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("loraplex.server")
+    for note in config.notes:  # accepted vLLM flags that do nothing here, and the like
+        log.warning("%s", note)
+    if config.dtype == "fp32" and config.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():  # fail now rather than after the model loads
+            from .server.config import check_fp32_on_cuda
+
+            try:
+                check_fp32_on_cuda()
+            except ValueError as exc:
+                print(f"loraplex serve: {exc}", file=sys.stderr)
+                return 2
     state = ServerState(config)
 
     class Server(uvicorn.Server):
@@ -146,6 +161,12 @@ def serve(args: argparse.Namespace) -> int:
         listening and shut down. A second signal stops at once (uvicorn's own shutdown)."""
 
         drains: list[asyncio.Task] = []
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if config.enable_ssl_refresh and self.config.ssl is not None:
+                threading.Thread(target=_refresh_certificates, args=(self.config.ssl, config, self),
+                                 name="loraplex-ssl-refresh", daemon=True).start()
 
         def handle_exit(self, sig, frame):
             if state.draining:  # a second signal (or shutting down anyway): stop now
@@ -171,10 +192,64 @@ def serve(args: argparse.Namespace) -> int:
                 captured.pop()
 
     # connections still open after the drain are idle or finishing their last bytes
+    tls = dict(ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, ssl_ca_certs=config.ssl_ca_certs,
+               ssl_cert_reqs=config.ssl_cert_reqs) if config.ssl_certfile else {}
     server = Server(uvicorn.Config(create_app(state), host=config.host, port=config.port,
-                                   log_level=config.log_level, timeout_graceful_shutdown=5))
+                                   log_level=config.uvicorn_log_level or config.log_level, access_log=config.access_log,
+                                   timeout_graceful_shutdown=5, **tls))
+    if config.access_log_skip:  # after uvicorn.Config, which sets its loggers up
+        logging.getLogger("uvicorn.access").addFilter(_SkipPaths(config.access_log_skip))
     server.run()
     return 0 if state.failed is None else 1
+
+
+class _SkipPaths:
+    """An access-log filter: no line for requests to these paths (--disable-access-log-for-endpoints)."""
+
+    def __init__(self, paths):
+        self.paths = frozenset(paths)
+
+    def filter(self, record) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        path = args[2] if len(args) > 2 and isinstance(args[2], str) else ""  # uvicorn: client, method, path, ...
+        return path.partition("?")[0] not in self.paths
+
+
+def _refresh_certificates(context, config, server, period: float = 5.0) -> None:
+    """--enable-ssl-refresh: load the key and certificates into the serving TLS context again when
+    one of their files changes (new handshakes get them; open connections keep theirs). A half-
+    written file fails to load and is retried at the next change check."""
+    import logging
+    import os
+
+    log = logging.getLogger("loraplex.server")
+    files = [f for f in (config.ssl_certfile, config.ssl_keyfile, config.ssl_ca_certs) if f]
+
+    def stamps():
+        out = []
+        for f in files:
+            try:
+                info = os.stat(f)  # follows links: a Kubernetes secret volume swaps a link
+                out.append((info.st_mtime_ns, info.st_size, info.st_ino))
+            except OSError:
+                out.append(None)
+        return out
+
+    seen = stamps()
+    while not server.should_exit:
+        time.sleep(period)
+        now = stamps()
+        if now == seen:
+            continue
+        try:
+            context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+            if config.ssl_ca_certs:
+                context.load_verify_locations(config.ssl_ca_certs)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.warning("TLS files changed but cannot be loaded yet (%s); retrying", exc)
+            continue
+        seen = now
+        log.info("TLS key and certificates reloaded")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # vLLM's spellings with underscores (--max_model_len), as vLLM takes them
+        from .server.config import normalize_vllm_argv
+
+        argv = ["serve", *normalize_vllm_argv(argv[1:])]
     args = build_parser().parse_args(argv)
     if getattr(args, "hidden_size", 64) % 64:
         raise SystemExit("loraplex check: --hidden-size must be a multiple of 64")

@@ -1,5 +1,8 @@
 """Admin routes (/admin/adapters...) and vLLM's /v1/load_lora_adapter, /v1/unload_lora_adapter.
 
+/admin/* take the admin key; vLLM's two routes take it too when there is one, and otherwise
+follow VLLM_ALLOW_RUNTIME_LORA_UPDATING as vLLM does (auth.py).
+
 File work (reading, validating, merging, exporting) runs in a worker thread, so the event
 loop keeps streaming meanwhile; the registry itself is thread-safe. Paths must resolve, after
 symlinks, inside an allowed adapter root.
@@ -17,12 +20,15 @@ from ..adapters.peft_format import AdapterError
 from ..adapters.registry import AdapterExistsError, RegistryBusyError
 from ..adapters.safe_files import BadPathError
 from ..engine.adapters import UnknownAdapterError
-from .auth import require_admin
+from .auth import require_admin, require_lora_updating
 from .errors import APIError, documented_errors
 from .schemas import ExportAdapter, LoadLoraAdapter, MergeAdapters, PinAdapter, RegisterAdapter, UnloadLoraAdapter
 from .state import AdapterPathError, ServerState
 
-router = APIRouter(dependencies=[require_admin], responses=documented_errors(400, 401, 403, 404, 409, 413, 500, 503))
+_ERRORS = documented_errors(400, 401, 403, 404, 409, 413, 500, 503)
+admin = APIRouter(dependencies=[require_admin], responses=_ERRORS)             # /admin/*: the admin key
+vllm = APIRouter(dependencies=[require_lora_updating], responses=_ERRORS)      # vLLM's two (see auth.py)
+router = APIRouter()  # both, as the app includes them (filled at the end of this module)
 
 
 def _state(request: Request) -> ServerState:
@@ -55,7 +61,7 @@ async def _call(fn, *args, **kwargs):
 
 
 def _check_name(state: ServerState, name: str) -> None:
-    if name == state.model_name:
+    if name == state.model_name or name in state.config.served_model_aliases:
         raise APIError(409, f"'{name}' is the base model's name", param="name", code="adapter_exists")
 
 
@@ -72,19 +78,19 @@ async def unload(state: ServerState, name: str, force: bool):
     return info
 
 
-@router.post("/admin/adapters", status_code=201)
+@admin.post("/admin/adapters", status_code=201)
 async def register_adapter(body: RegisterAdapter, request: Request):
     return _info(await register(_state(request), body.name, body.path, body.replace, body.pin))
 
 
-@router.get("/admin/adapters")
+@admin.get("/admin/adapters")
 async def list_adapters(request: Request):
     state = _state(request)
     infos, usage = await _call(state.registry.list), await _call(state.registry.usage)
     return {"object": "list", "data": [_info(i) for i in infos], "usage": usage}
 
 
-@router.post("/admin/adapters/merge", status_code=201)
+@admin.post("/admin/adapters/merge", status_code=201)
 async def merge_adapters(body: MergeAdapters, request: Request):
     state = _state(request)
     _check_name(state, body.name)
@@ -98,18 +104,18 @@ async def merge_adapters(body: MergeAdapters, request: Request):
     return _info(info)
 
 
-@router.get("/admin/adapters/{name:path}")
+@admin.get("/admin/adapters/{name:path}")
 async def show_adapter(name: str, request: Request):
     return _info(await _call(_state(request).registry.info, name))
 
 
-@router.delete("/admin/adapters/{name:path}")
+@admin.delete("/admin/adapters/{name:path}")
 async def delete_adapter(name: str, request: Request, force: bool = False):
     """Drain (new requests 404 at once, running ones finish) or, with ?force=true, abort its requests."""
     return _info(await unload(_state(request), name, force))
 
 
-@router.post("/admin/adapters/{name:path}/export")
+@admin.post("/admin/adapters/{name:path}/export")
 async def export_adapter(name: str, body: ExportAdapter, request: Request):
     state = _state(request)
     dest = await _call(state.resolve_adapter_path, body.path)
@@ -117,20 +123,34 @@ async def export_adapter(name: str, body: ExportAdapter, request: Request):
     return {"object": "adapter.export", "name": name, "path": str(path)}
 
 
-@router.post("/admin/adapters/{name:path}/pin")
+@admin.post("/admin/adapters/{name:path}/pin")
 async def pin_adapter(name: str, body: PinAdapter, request: Request):
     return _info(await _call(_state(request).registry.pin, name, body.pinned))
 
 
-# vLLM-compatible aliases (plain-text success bodies, as vLLM answers)
+# vLLM-compatible routes (plain-text success bodies, as vLLM answers)
 
-@router.post("/v1/load_lora_adapter")
+@vllm.post("/v1/load_lora_adapter")
 async def load_lora_adapter(body: LoadLoraAdapter, request: Request):
-    await register(_state(request), body.lora_name, body.lora_path)
+    """vLLM's: a name already loaded is a 400, unless `load_inplace`, which swaps its weights for
+    new requests at once (running ones finish on the old), or loads it when it is new."""
+    state = _state(request)
+    _check_name(state, body.lora_name)  # the base model's names: 409, as on /admin/adapters
+    try:
+        await register(state, body.lora_name, body.lora_path, replace=body.load_inplace)
+    except APIError as exc:
+        if exc.code == "adapter_exists":  # as vLLM answers
+            raise APIError(400, f"The lora adapter '{body.lora_name}' has already been loaded. If you want to load "
+                                f"the adapter in place, set 'load_inplace' to True.", param="lora_name") from None
+        raise
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter")
+@vllm.post("/v1/unload_lora_adapter")
 async def unload_lora_adapter(body: UnloadLoraAdapter, request: Request):
     await unload(_state(request), body.lora_name, force=False)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+router.include_router(admin)
+router.include_router(vllm)
