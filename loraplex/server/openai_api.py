@@ -25,11 +25,13 @@ from ..engine.adapters import UnknownAdapterError
 from ..engine.async_engine import EngineStoppedError, internal_error
 from ..engine.engine import RequestError
 from ..engine.request import FinishReason, RequestOutput
-from ..engine.sampling import SEED_MAX, SamplingParams
-from . import sse
+from ..engine.sampling import SamplingParams, TokenLogprob
+from . import chat_template, resolver, sse
 from .auth import is_admin, require_api_key
 from .errors import APIError, documented_errors, error_body, log_unexpected
-from .schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
+from .request_params import sampling_params
+from .schemas import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                      DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse)
 from .state import ServerState
 
 log = logging.getLogger("loraplex.server")
@@ -62,44 +64,30 @@ def check_serving(state: ServerState) -> None:
     if not state.async_engine.running:
         raise APIError(503, f"the model cannot serve: {state.async_engine.health or 'the engine is not running'}; "
                             f"see the server log")
-    if state.async_engine.waiting >= state.config.max_queue:
+    if state.async_engine.waiting + state.held >= state.config.max_queue:
         raise APIError(429, f"too many requests waiting ({state.config.max_queue}); retry later")
 
 
-def adapter_for(state: ServerState, model: str) -> str | None:
-    """None for the base model, else the adapter name; 404 for anything else."""
-    if model == state.model_name:
+async def adapter_for(state: ServerState, model: str) -> str | None:
+    """None for the base model (by its name or an alias), else the adapter name, loading it
+    first if it is a directory under a --lora-resolve-root; 404 for anything else."""
+    if model == state.model_name or model in state.config.served_model_aliases:
         return None
-    if state.registry.has(model):
+    if state.registry.has(model) or await resolver.load_on_first_request(state, model):
         return model
     raise APIError(404, f"the model '{model}' does not exist", param="model", code="model_not_found")
 
 
-def sampling_params(state: ServerState, body, prompt_len: int, max_tokens: int | None, default_max: int,
-                    logprobs: int | None) -> SamplingParams:
-    c = state.config
-    if (bad := body.unsupported()) is not None:
-        raise APIError(400, f"{bad} is not supported by this server", param=bad)
-    if body.n > c.max_n:
-        raise APIError(400, f"n must be at most {c.max_n}, got {body.n}", param="n")
-    if body.seed is not None and body.seed + body.n - 1 > SEED_MAX:  # choice i is seeded with seed + i
-        raise APIError(400, f"seed + n - 1 must be at most 2**64 - 1, got {body.seed} and n = {body.n}",
-                       param="seed")
-    limit = prompt_token_limit(state)
-    if prompt_len > limit:
-        raise APIError(400, f"the prompt has {prompt_len} tokens; at most {limit} are accepted",
-                       param="prompt", code="context_length_exceeded")
-    if max_tokens is None:
-        max_tokens = max(1, min(default_max, c.max_tokens_limit, state.max_model_len - prompt_len))
-    if max_tokens > c.max_tokens_limit:
-        raise APIError(400, f"max_tokens must be at most {c.max_tokens_limit}, got {max_tokens}", param="max_tokens")
+async def check_grammar(state: ServerState, params: SamplingParams) -> None:
+    """400 for a structured-output schema, regex or grammar that cannot compile, before queuing."""
+    if params.grammar is None:
+        return
+    from ..engine.grammar import GrammarError
+
     try:
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              top_k=body.top_k, seed=body.seed, stop=body.stop or [],
-                              stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos,
-                              logprobs=logprobs)
-    except ValueError as exc:
-        raise APIError(400, str(exc)) from None
+        await asyncio.to_thread(state.grammar_compiler().check, params.grammar)
+    except GrammarError as exc:
+        raise APIError(400, f"the structured output cannot be compiled: {exc}") from None
 
 
 def check_fits(state: ServerState, prompt_len: int, params: SamplingParams, adapter: str | None) -> None:
@@ -111,14 +99,32 @@ def check_fits(state: ServerState, prompt_len: int, params: SamplingParams, adap
         raise APIError(404, str(exc), param="model", code="model_not_found") from None
 
 
-def check_room(state: ServerState, jobs: int) -> None:
+class Room:
+    """Places in the queue that a request holds from `check_room` until its engine requests are
+    sent (`run_jobs`): the handler yields in between (tokenizing, awaiting its task), and
+    without the hold a burst would all pass --max-queue on the same count. Released once,
+    whichever comes first: the submission, or the handler's end (a client gone before it)."""
+
+    def __init__(self, state: ServerState, places: int):
+        self.state, self.places = state, places
+        state.held += places
+
+    def release(self) -> None:
+        self.state.held -= self.places
+        self.places = 0
+
+    __del__ = release  # a response that never ran
+
+
+def check_room(state: ServerState, jobs: int) -> Room:
     """Every engine request (prompt x n) counts against --max-queue, not one per API request."""
     most = state.config.max_queue
     if jobs > most:
         raise APIError(400, f"this request makes {jobs} engine requests (prompts x n); at most {most} can "
                             f"wait (--max-queue)", param="n")
-    if state.async_engine.waiting + jobs > most:
+    if state.async_engine.waiting + state.held + jobs > most:
         raise APIError(429, f"too many requests waiting ({most}); retry later")
+    return Room(state, jobs)
 
 
 def prompt_token_limit(state: ServerState) -> int:
@@ -138,14 +144,15 @@ def check_chars(state: ServerState, chars: int, param: str) -> None:
 
 
 async def encode(state: ServerState, text: str, template: bool = False) -> list[int]:
-    """Token ids of `text` (a rendered chat template: no special tokens added); a long text on
-    a worker thread with the GIL released, so that other requests and streams go on."""
+    """Token ids of `text` (`template`: without the tokenizer's special tokens, as for a rendered
+    chat template); a long text on a worker thread with the GIL released, so that other
+    requests and streams go on."""
     if len(text) <= RELEASE_GIL_CHARS:
         return (state.encode_template if template else state.encode)(text)
     return await asyncio.to_thread(state.encode_template_releasing if template else state.encode_releasing, text)
 
 
-async def tokenize_prompts(state: ServerState, prompt) -> list[list[int]]:
+async def tokenize_prompts(state: ServerState, prompt, add_special_tokens: bool = True) -> list[list[int]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     if len(prompt) > state.config.max_prompts and not all(isinstance(p, int) for p in prompt):
@@ -155,7 +162,7 @@ async def tokenize_prompts(state: ServerState, prompt) -> list[list[int]]:
     if prompt and all(isinstance(p, str) for p in prompt):
         for p in prompt:
             check_chars(state, len(p), "prompt")
-        prompts, given_ids = [await encode(state, p) for p in prompt], False
+        prompts, given_ids = [await encode(state, p, template=not add_special_tokens) for p in prompt], False
     elif prompt and all(isinstance(p, int) for p in prompt):
         prompts = [list(prompt)]
     elif prompt and all(isinstance(p, list) for p in prompt):
@@ -186,13 +193,15 @@ class Job:
     logprobs: list = field(default_factory=list)
     tokens: int = 0
     finish: FinishReason | None = None
+    stop_reason: int | str | None = None
+    prompt_logprobs: list | None = None  # from the first output, when asked for
     error: str | None = None
     first_token: float | None = None   # time.monotonic() of its first and latest token
     last_token: float | None = None
 
 
 async def run_jobs(state: ServerState, jobs: list[Job], adapter: str | None, model: str,
-                   arrival: float) -> AsyncIterator[list[tuple[Job, RequestOutput]]]:
+                   arrival: float, room: Room) -> AsyncIterator[list[tuple[Job, RequestOutput]]]:
     """The jobs' outputs in batches, as the engine hands them over (one batch per engine step
     at most); metrics recorded per job. Failures raise APIError. Leaving early aborts the
     jobs' engine requests."""
@@ -201,6 +210,7 @@ async def run_jobs(state: ServerState, jobs: list[Job], adapter: str | None, mod
     state.active_jobs += len(jobs)  # what a drain waits for
     left_early = True               # until the last output, or an error: the client hung up
     try:
+        room.release()  # the submission below counts them, before anything yields
         async for batch in state.async_engine.submit([(j.request_id, j.prompt_ids, j.params) for j in jobs], adapter):
             now = time.monotonic()
             pairs = []
@@ -213,8 +223,10 @@ async def run_jobs(state: ServerState, jobs: list[Job], adapter: str | None, mod
                         metrics.observe_token_gap(now - job.last_token)
                     job.last_token = now
                 job.tokens = out.completion_tokens
+                if out.prompt_logprobs is not None:
+                    job.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
-                    job.finish = out.finish_reason
+                    job.finish, job.stop_reason = out.finish_reason, out.stop_reason
                     observe_finished(state, model, out.finish_reason.value, out.prompt_tokens, out.completion_tokens,
                                      now - arrival, out.queue_seconds,
                                      None if job.first_token is None else job.first_token - arrival)
@@ -268,9 +280,10 @@ def usage(jobs: list[Job], prompts: list[list[int]]) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def complete(state: ServerState, jobs: list[Job], adapter: str | None, model: str, arrival: float) -> None:
+async def complete(state: ServerState, jobs: list[Job], adapter: str | None, model: str, arrival: float,
+                   room: Room) -> None:
     """Run every job to the end, keeping text and logprobs on the jobs; errors raise APIError."""
-    async for pairs in run_jobs(state, jobs, adapter, model, arrival):
+    async for pairs in run_jobs(state, jobs, adapter, model, arrival, room):
         for job, out in pairs:
             job.text.append(out.text)
             if out.logprobs:
@@ -316,7 +329,7 @@ def make_jobs(prefix: str, prompts: list[list[int]], params: SamplingParams, n: 
 
 
 def stream_response(state: ServerState, jobs: list[Job], adapter: str | None, model: str, arrival: float,
-                    chunks, usage_chunk=None, first: list[dict] = ()) -> sse.EventStream:
+                    room: Room, chunks, usage_chunk=None, first: list[dict] = ()) -> sse.EventStream:
     """SSE over the jobs' outputs: `first` chunks, then the events `chunks(job, out)` makes for
     each output (a job the engine failed gets an error event instead), the `usage_chunk()`
     when asked for, an error event if the request fails on the way, and `[DONE]`. The events
@@ -325,7 +338,7 @@ def stream_response(state: ServerState, jobs: list[Job], adapter: str | None, mo
         if first:
             yield "".join(sse.event(chunk) for chunk in first).encode()
         try:
-            async for pairs in run_jobs(state, jobs, adapter, model, arrival):
+            async for pairs in run_jobs(state, jobs, adapter, model, arrival, room):
                 parts = []
                 for job, out in pairs:
                     if out.finished and out.finish_reason is FinishReason.ERROR:
@@ -342,7 +355,7 @@ def stream_response(state: ServerState, jobs: list[Job], adapter: str | None, mo
             yield sse.event(error_body(err.status, err.message, err.param, err.code)).encode()
         yield sse.DONE
 
-    return sse.EventStream(events())
+    return sse.EventStream(events(), on_close=room.release)
 
 
 def include_usage(body) -> bool:
@@ -354,20 +367,59 @@ def token_text(state: ServerState, token_id: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# /v1/completions
+# logprobs in the APIs' formats
 # ----------------------------------------------------------------------------------------
 
 
-def completion_logprobs(state: ServerState, lps: list, offset: int) -> dict:
+def completion_logprobs(state: ServerState, lps: list, offset: int, ids: list[int] | None = None) -> dict:
+    """/v1/completions' logprobs of `lps` (TokenLogprob, or None where nothing predicts the
+    token: the first of an echoed prompt, whose id is then in `ids`)."""
     tokens, token_lps, tops, offsets = [], [], [], []
-    for lp in lps:
-        text = token_text(state, lp.token_id)
+    for i, lp in enumerate(lps):
+        text = token_text(state, lp.token_id if lp is not None else ids[i])
         tokens.append(text)
-        token_lps.append(lp.logprob)
-        tops.append({token_text(state, t): v for t, v in lp.top})
+        token_lps.append(None if lp is None else lp.logprob)
+        tops.append(None if lp is None else top_by_text(state, lp.top))
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def top_by_text(state: ServerState, top: list[tuple[int, float]]) -> dict[str, float]:
+    """OpenAI's top_logprobs, keyed by text: of two tokens with one text (partial bytes decode
+    alike) the likelier stays."""
+    out: dict[str, float] = {}
+    for t, v in top:
+        out.setdefault(token_text(state, t), v)
+    return out
+
+
+def join_logprobs(first: dict, then: dict | None) -> dict:
+    return first if then is None else {k: first[k] + then[k] for k in first}
+
+
+def vllm_prompt_logprobs(state: ServerState, lps: list[TokenLogprob | None] | None, k: int) -> list | None:
+    """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}} for the prompt's own token and the k likeliest."""
+    if lps is None:
+        return None
+    out = []
+    for lp in lps:
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": token_text(state, t)}
+                 for r, (t, v) in enumerate(lp.top[:k])}
+        entry.setdefault(str(lp.token_id), {"logprob": lp.logprob, "rank": lp.rank,
+                                            "decoded_token": token_text(state, lp.token_id)})
+        out.append(entry)
+    return out
+
+
+def prompt_logprobs_wanted(*ks: int | None) -> int | None:
+    """The engine's prompt_logprobs for several uses (echo's logprobs, prompt_logprobs): the largest."""
+    given = [k for k in ks if k is not None]
+    return max(given) if given else None
 
 
 def ok_or_stream(model) -> dict:
@@ -376,44 +428,98 @@ def ok_or_stream(model) -> dict:
                   "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
+# ----------------------------------------------------------------------------------------
+# /v1/completions
+# ----------------------------------------------------------------------------------------
+
+
+def echo_texts(state: ServerState, given, prompts: list[list[int]]) -> list[str]:
+    """Each prompt's text, for echo: as given, or decoded from the given token ids."""
+    if isinstance(given, str):
+        return [given]
+    if given and all(isinstance(p, str) for p in given):
+        return list(given)
+    return [state.tokenizer.decode(ids) for ids in prompts]
+
+
 @router.post("/v1/completions", responses=ok_or_stream(CompletionResponse))
 async def completions(body: CompletionRequest, request: Request):
     state = state_of(request)
     arrival = time.monotonic()
     check_serving(state)
-    adapter = adapter_for(state, body.model)
-    prompts = await tokenize_prompts(state, body.prompt)
-    params = sampling_params(state, body, max(map(len, prompts)), body.max_tokens, 16, body.logprobs)
+    adapter = await adapter_for(state, body.model)
+    prompts = await tokenize_prompts(state, body.prompt, body.add_special_tokens)
+    echo_lps = body.logprobs if body.echo else None
+    params = sampling_params(state, body, max(map(len, prompts)), body.max_tokens, 16, body.logprobs,
+                             prompt_logprobs_wanted(echo_lps, body.prompt_logprobs))
     for ids in prompts:
         check_fits(state, len(ids), params, adapter)
+    await check_grammar(state, params)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     jobs = make_jobs(request_id, prompts, params, body.n)
-    check_room(state, len(jobs))
+    room = check_room(state, len(jobs))
     base = {"id": request_id, "object": "text_completion", "created": created, "model": body.model}
+    echoed = echo_texts(state, body.prompt, prompts) if body.echo else None
+
+    def echo_part(job: Job) -> tuple[str, dict | None]:
+        """The echoed prompt's text and, with logprobs, its logprobs (the first token's None)."""
+        text = echoed[job.index // body.n]
+        if body.logprobs is None:
+            return text, None
+        lps = job.prompt_logprobs or [None] * len(job.prompt_ids)
+        return text, completion_logprobs(state, [None if lp is None else
+                                                 dataclasses.replace(lp, top=lp.top[:body.logprobs]) for lp in lps],
+                                         0, job.prompt_ids)
 
     if not body.stream:
-        if not await unless_client_leaves(request, complete(state, jobs, adapter, body.model, arrival)):
-            return client_gone()
-        choices = [{"index": j.index, "text": "".join(j.text), "finish_reason": finish_reason(j),
-                    "logprobs": completion_logprobs(state, j.logprobs, 0) if body.logprobs is not None else None}
-                   for j in jobs]
+        try:
+            if not await unless_client_leaves(request, complete(state, jobs, adapter, body.model, arrival, room)):
+                return client_gone()
+        finally:
+            room.release()
+        choices = []
+        for j in jobs:
+            text, lps = "".join(j.text), None
+            prefix, prefix_lps = echo_part(j) if body.echo else ("", None)
+            if body.logprobs is not None:
+                lps = completion_logprobs(state, j.logprobs, len(prefix))
+                lps = join_logprobs(prefix_lps, lps) if prefix_lps is not None else lps
+            choice = {"index": j.index, "text": prefix + text, "finish_reason": finish_reason(j),
+                      "stop_reason": j.stop_reason, "logprobs": lps}
+            if body.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(state, j.prompt_logprobs, body.prompt_logprobs)
+            choices.append(choice)
         return JSONResponse({**base, "choices": choices, "usage": usage(jobs, prompts)})
 
     offsets = {j.index: 0 for j in jobs}
+    to_echo = {j.index for j in jobs} if body.echo else set()
     encoder = sse.ChunkEncoder(base)
 
     def chunks(job: Job, out: RequestOutput) -> list[str]:
+        events = []
+        if job.index in to_echo:  # the prompt first, once its logprobs are in (the first output)
+            to_echo.discard(job.index)
+            text, lps = echo_part(job)
+            offsets[job.index] = len(text)
+            events.append(encoder.choice({"index": job.index, "text": text, "logprobs": lps, "finish_reason": None}))
         finish = finish_reason(job) if out.finished else None
+        lps = None
         if body.logprobs is not None and out.logprobs:
             lps = completion_logprobs(state, out.logprobs, offsets[job.index])
-            offsets[job.index] += len(out.text)
-            return [encoder.choice({"index": job.index, "text": out.text, "logprobs": lps, "finish_reason": finish})]
         offsets[job.index] += len(out.text)
-        return [encoder.text(job.index, out.text, finish)] if out.text or out.finished else []
+        if out.finished:
+            events.append(encoder.choice({"index": job.index, "text": out.text, "logprobs": lps,
+                                          "finish_reason": finish, "stop_reason": job.stop_reason}))
+        elif lps is not None:
+            events.append(encoder.choice({"index": job.index, "text": out.text, "logprobs": lps,
+                                          "finish_reason": None}))
+        elif out.text:
+            events.append(encoder.text(job.index, out.text, None))
+        return events
 
     usage_chunk = (lambda: {**base, "choices": [], "usage": usage(jobs, prompts)}) if include_usage(body) else None
-    return stream_response(state, jobs, adapter, body.model, arrival, chunks, usage_chunk)
+    return stream_response(state, jobs, adapter, body.model, arrival, room, chunks, usage_chunk)
 
 
 # ----------------------------------------------------------------------------------------
@@ -429,23 +535,14 @@ def chat_logprobs(state: ServerState, lps: list) -> dict:
                         for lp in lps]}
 
 
-async def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
-    tok = state.tokenizer
-    if not getattr(tok, "chat_template", None):
-        raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-    check_chars(state, sum(len(m.content or "") + len(m.name or "") for m in body.messages), "messages")
-    messages = [m.model_dump(exclude_none=True, include={"role", "content", "name"}) for m in body.messages]
-    try:
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:
-        from jinja2 import TemplateError  # there: transformers renders templates with it
-
-        if isinstance(exc, TemplateError):  # the template rejects the conversation (e.g. roles out of order)
-            raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages") from None
-        log.exception("the chat template failed")  # a fault of the template or tokenizer: not for the client
-        raise APIError(400, "the chat template cannot render these messages; see the server log",
-                       param="messages") from None
-    return await encode(state, text, template=True)
+async def chat_prompt(state: ServerState, body) -> list[int]:
+    """The conversation's token ids (chat requests and /tokenize's messages)."""
+    check_chars(state, sum(m.text_chars + len(m.name or "") for m in body.messages), "messages")
+    text = chat_template.render(state.tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt,
+                                continue_final_message=body.continue_final_message,
+                                template_kwargs=body.chat_template_kwargs)
+    special = body.add_special_tokens
+    return await encode(state, text, template=not special)
 
 
 @router.post("/v1/chat/completions", responses=ok_or_stream(ChatCompletionResponse))
@@ -453,26 +550,34 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = state_of(request)
     arrival = time.monotonic()
     check_serving(state)
-    adapter = adapter_for(state, body.model)
+    adapter = await adapter_for(state, body.model)
     prompt = await chat_prompt(state, body)
     if not prompt:
         raise APIError(400, "the rendered conversation is empty", param="messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    params = sampling_params(state, body, len(prompt), max_tokens, state.config.max_tokens_limit, logprobs)
+    params = sampling_params(state, body, len(prompt), max_tokens, state.config.max_tokens_limit, logprobs,
+                             body.prompt_logprobs)
     check_fits(state, len(prompt), params, adapter)
+    await check_grammar(state, params)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     jobs = make_jobs(request_id, [prompt], params, body.n)
-    check_room(state, len(jobs))
+    room = check_room(state, len(jobs))
     base = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model}
 
     if not body.stream:
-        if not await unless_client_leaves(request, complete(state, jobs, adapter, body.model, arrival)):
-            return client_gone()
+        try:
+            if not await unless_client_leaves(request, complete(state, jobs, adapter, body.model, arrival, room)):
+                return client_gone()
+        finally:
+            room.release()
         choices = [{"index": j.index, "message": {"role": "assistant", "content": "".join(j.text)},
-                    "finish_reason": finish_reason(j),
+                    "finish_reason": finish_reason(j), "stop_reason": j.stop_reason,
                     "logprobs": chat_logprobs(state, j.logprobs) if body.logprobs else None} for j in jobs]
-        return JSONResponse({**base, "choices": choices, "usage": usage(jobs, [prompt])})
+        answer = {**base, "choices": choices, "usage": usage(jobs, [prompt])}
+        if body.prompt_logprobs is not None:
+            answer["prompt_logprobs"] = vllm_prompt_logprobs(state, jobs[0].prompt_logprobs, body.prompt_logprobs)
+        return JSONResponse(answer)
 
     base["object"] = "chat.completion.chunk"
     encoder = sse.ChunkEncoder(base)
@@ -486,18 +591,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             events.append(encoder.content(job.index, out.text))
         if out.finished:
             events.append(encoder.choice({"index": job.index, "delta": {}, "logprobs": None,
-                                          "finish_reason": finish_reason(job)}))
+                                          "finish_reason": finish_reason(job), "stop_reason": job.stop_reason}))
         return events
 
     # the role first, as OpenAI does
     roles = [{**base, "choices": [{"index": job.index, "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None}]} for job in jobs]
     usage_chunk = (lambda: {**base, "choices": [], "usage": usage(jobs, [prompt])}) if include_usage(body) else None
-    return stream_response(state, jobs, adapter, body.model, arrival, chunks, usage_chunk, roles)
+    return stream_response(state, jobs, adapter, body.model, arrival, room, chunks, usage_chunk, roles)
 
 
 # ----------------------------------------------------------------------------------------
-# /v1/models
+# /v1/models, /tokenize, /detokenize
 # ----------------------------------------------------------------------------------------
 
 
@@ -508,11 +613,53 @@ async def models(request: Request):
         raise APIError(503, "the model is still loading")
     admin = is_admin(request)
     created = int(state.started_at)
-    data = [{"id": state.model_name, "object": "model", "created": created, "owned_by": "loraplex",
+    entry = {"object": "model", "owned_by": "loraplex", "max_model_len": state.max_model_len}
+    data = [{"id": state.model_name, **entry, "created": created,
              "root": str(state.model_dir) if admin and state.model_dir else None, "parent": None}]
     for info in await asyncio.to_thread(state.registry.list):  # the engine process may hold the registry
         if info.state != "ready":
             continue
-        data.append({"id": info.name, "object": "model", "created": int(info.registered_at), "owned_by": "loraplex",
+        data.append({"id": info.name, **entry, "created": int(info.registered_at),
                      "root": info.path if admin else None, "parent": state.model_name})
     return {"object": "list", "data": data}
+
+
+def check_model(state: ServerState, model: str | None) -> None:
+    """/tokenize and /detokenize: every adapter shares the base model's tokenizer; a name must exist."""
+    if model is not None and model != state.model_name and model not in state.config.served_model_aliases \
+            and not state.registry.has(model):
+        raise APIError(404, f"the model '{model}' does not exist", param="model", code="model_not_found")
+
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, request: Request):
+    """vLLM's /tokenize: a prompt, or chat messages through the chat template."""
+    state = state_of(request)
+    check_serving(state)
+    check_model(state, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give either prompt or messages", param="prompt")
+    if body.messages is not None:
+        if body.add_special_tokens is None:
+            body.add_special_tokens = False
+        ids = await chat_prompt(state, body)
+    else:
+        check_chars(state, len(body.prompt), "prompt")
+        ids = await encode(state, body.prompt, template=body.add_special_tokens is False)
+    answer = {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids, "token_strs": None}
+    if body.return_token_strs:
+        answer["token_strs"] = state.tokenizer.convert_ids_to_tokens(ids)
+    return JSONResponse(answer)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, request: Request):
+    """vLLM's /detokenize: token ids to text."""
+    state = state_of(request)
+    check_serving(state)
+    check_model(state, body.model)
+    if len(body.tokens) > prompt_token_limit(state):
+        raise APIError(400, f"at most {prompt_token_limit(state)} tokens", param="tokens")
+    if any(not 0 <= t < state.vocab_size for t in body.tokens):
+        raise APIError(400, f"token ids must be in [0, {state.vocab_size})", param="tokens")
+    return JSONResponse({"prompt": state.tokenizer.decode(body.tokens)})

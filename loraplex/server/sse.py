@@ -67,8 +67,9 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[bytes]):
+    def __init__(self, events: AsyncIterator[bytes], on_close=None):
         self.events = events
+        self.on_close = on_close  # called once the response is over, however it ended
         self.status_code = 200
         self.background = None
         self.init_headers(None)
@@ -96,4 +97,6 @@ class EventStream(Response):
                 task.uncancel()  # the client left: nothing more to send
         finally:
             watcher.cancel()  # before any further await: it cannot cancel us after this
+            if self.on_close is not None:
+                self.on_close()
             await self.events.aclose()  # a stream left early aborts its engine requests

@@ -27,8 +27,9 @@ from ..demo import ADAPTERS_DIR, MODEL_DIR, adapter_paths
 from ..engine.async_engine import AsyncEngine
 from ..engine.engine import Engine, EngineConfig
 from ..engine.fast_tokenizer import encoder, releasing_encoder
+from ..kernels import runtime
 from ..model.loader import load_model
-from .config import ServerConfig
+from .config import ServerConfig, load_generation_defaults
 from .metrics import ServerMetrics, Snapshot
 
 log = logging.getLogger("loraplex.server")
@@ -58,6 +59,11 @@ def build_engine(config: ServerConfig, on_adapter_event=None):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = c.dtype if c.dtype != "auto" else "bf16" if device == "cuda" else "fp32"
+    if dtype == "fp32" and runtime.use_triton(torch.device(device)):
+        # the NF4 matmul kernels take bf16/fp16 activations (the PyTorch references take fp32)
+        raise ValueError(f"--dtype float32 (fp32) cannot run on {device} with the Triton kernels: the NF4 matmul "
+                         f"kernels take bfloat16 or float16 activations; pass --dtype bfloat16 (or float16), or "
+                         f"run the slow PyTorch references with LORAPLEX_KERNELS=reference")
     log.info("loading %s on %s (%s)", model_dir, device, dtype)
     loaded = load_model(model_dir, dtype=dtype, device=device, progress=True)
     registry = AdapterRegistry(
@@ -127,10 +133,15 @@ class ServerState:
         self.encode = self.encode_template = None  # text -> ids, set with the tokenizer
         self.max_model_len = 0
         self.vocab_size = 0
+        # request defaults from the model's generation config (--generation-config), set by _load:
+        # among temperature, top_p, top_k, min_p, repetition_penalty, max_tokens
+        self.generation_defaults: dict = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._grammars = None                 # grammar_compiler(), on first use
         self.ready = threading.Event()
         self.draining = False
         self.active_jobs = 0                  # engine requests the API is waiting on (openai_api.run_jobs)
+        self.held = 0                         # queue places of requests admitted, not yet sent (openai_api.Room)
         self.started_at = time.time()
         self.failed: str | None = None        # why startup failed, if it did
         self.adapter_roots = [Path(r).resolve() for r in config.adapter_roots]
@@ -172,6 +183,7 @@ class ServerState:
         model_dir = self.model_dir or demo_model_dir()
         self.model_name = self.model_name or model_dir.name
         self.metrics.model_name = self.model_name
+        self.generation_defaults = load_generation_defaults(self.config, model_dir)
         if self.config.engine_process:
             self._load_process(model_dir)
         else:
@@ -181,6 +193,7 @@ class ServerState:
             self._set_tokenizer(tokenizer)
             self.max_model_len, self.vocab_size = engine.max_model_len, engine.model.config.vocab_size
             self.async_engine = AsyncEngine(engine).start()
+        self.grammar_compiler().ll_tokenizer  # built now, not on the first structured-output request
         if self.draining:  # shut down while loading: stop what was just started, never turn ready
             self.async_engine.shutdown()
             return
@@ -189,6 +202,8 @@ class ServerState:
                  time.monotonic() - started)
 
     def _set_tokenizer(self, tokenizer) -> None:
+        if self.config.chat_template is not None:  # --chat-template replaces the tokenizer's
+            tokenizer.chat_template = self.config.chat_template
         self.tokenizer = tokenizer
         self.encode = encoder(tokenizer)                                     # prompts
         self.encode_template = encoder(tokenizer, add_special_tokens=False)  # rendered chat templates
@@ -202,7 +217,6 @@ class ServerState:
     def _load_process(self, model_dir: Path) -> None:
         from transformers import AutoTokenizer
 
-        from ..kernels import runtime
         from .engine_process import EngineClient, EngineStartupError, RegistryClient
 
         if self._loop is None:
@@ -251,6 +265,16 @@ class ServerState:
                 return idle_snapshot(registry.num_slots, healthy=False, step_failures=async_engine.step_failures)
             return async_engine.call("snapshot").result(10)
         return take_snapshot(self.engine, registry, async_engine)
+
+    def grammar_compiler(self):
+        """A structured-output compiler on this process's tokenizer, to refuse a schema or
+        pattern that cannot compile before its request is queued (the engine compiles its own)."""
+        if self._grammars is None:
+            from ..engine.grammar import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size,
+                                             eos_token_ids(self.model_dir or demo_model_dir(), self.tokenizer))
+        return self._grammars
 
     def resolve_adapter_path(self, path: str) -> Path:
         """The real path of `path`, if it and the adapter files in it (links followed) lie inside

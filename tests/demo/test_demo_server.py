@@ -69,3 +69,28 @@ def test_register_at_run_time_and_merge(demo):
     merged = c.completions.create(model="upper+rot13", prompt=tasks.prompt("hello world"), max_tokens=24,
                                   temperature=0)
     assert merged.choices[0].text  # both deltas at once: no single expected string, but it serves
+
+
+def test_structured_output_on_the_demo(demo):
+    """The adapters under a grammar: the output matches it, and where the adapter's own answer
+    is allowed, it is what comes out."""
+    import json
+    import re
+
+    def ask(model, **fields):
+        r = httpx.post(demo + "/v1/completions", json={"model": model, "prompt": tasks.prompt("hello world"),
+                                                       "max_tokens": 40, "temperature": 0, **fields}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    assert ask("upper", guided_choice=["hello world", "HELLO WORLD", "dlrow olleh"])["text"] == "HELLO WORLD"
+    assert ask("reverse", guided_choice=["hello world", "HELLO WORLD", "dlrow olleh"])["text"] == "dlrow olleh"
+    assert ask("upper", guided_regex=r"[A-Z ]+")["text"] == "HELLO WORLD"
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 16}},
+              "required": ["answer"], "additionalProperties": False}
+    for model in tasks.ADAPTERS:
+        out = ask(model, response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+                  guided_whitespace_pattern="")  # compact: a small model may pad JSON with whitespace
+        value = json.loads(out["text"])
+        assert set(value) == {"answer"} and isinstance(value["answer"], str) and len(value["answer"]) <= 16
+        assert out["finish_reason"] == "stop" and re.match(r"\s*\{", out["text"])

@@ -220,7 +220,7 @@ def test_error_statuses_in_openai_format(server):
     assert status == 400 and "at most 256" in body["message"] and body["code"] == "context_length_exceeded"
     status, body = status_of(lambda: c.completions.create(model="tiny", prompt=PROMPT * 40, max_tokens=60))
     assert status == 400 and "maximum context length" in body["message"]
-    assert status_of(lambda: c.completions.create(model="tiny", prompt="hi", frequency_penalty=1.0))[0] == 400
+    assert status_of(lambda: c.completions.create(model="tiny", prompt="hi", extra_body={"use_beam_search": True}))[0] == 400
     assert status_of(lambda: c.completions.create(model="tiny", prompt=[10**6]))[0] == 400
     big = httpx.post(server["url"] + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
                      json={"model": "tiny", "prompt": "x" * (70 << 10)})
