@@ -339,3 +339,24 @@ def test_structured_output_errors(server):
         r = post(server, "/v1/completions", model="tiny", prompt=PROMPT, max_tokens=4, **body)
         assert r.status_code == 400, (body, r.text)
         assert "Traceback" not in r.text and "/" not in r.json()["error"]["message"].replace("//", ""), r.text
+
+
+def test_generation_config_defaults_apply_to_fields_a_request_leaves_out(server):
+    """--generation-config auto: the model's generation_config.json values (loaded into
+    state.generation_defaults, tests/server/test_vllm_cli.py) are defaults, not overrides."""
+    state = server["state"]
+    greedy = text_of(server, engine_tokens(server, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))
+    saved = state.generation_defaults
+    state.generation_defaults = {"temperature": 1.0, "top_k": 1, "max_tokens": 3}
+    try:
+        body = {"model": "tiny", "prompt": PROMPT, "ignore_eos": True, "seed": 1}
+        out = post(server, "/v1/completions", **body).json()["choices"][0]
+        assert out["text"] == text_of(server, engine_tokens(server, SamplingParams(max_tokens=3, temperature=0,
+                                                                                   ignore_eos=True)))
+        assert post(server, "/v1/completions", **body, max_tokens=8).json()["choices"][0]["text"] == greedy
+        # set by the request: its own values win (top_k off, temperature 2: not the greedy text)
+        free = [post(server, "/v1/completions", **{**body, "seed": s}, max_tokens=8, top_k=0, temperature=2.0)
+                .json()["choices"][0]["text"] for s in range(3)]
+        assert any(text != greedy for text in free)
+    finally:
+        state.generation_defaults = saved
