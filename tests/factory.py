@@ -103,3 +103,21 @@ def random_adapter(model, seed: int, rank: int = 4):
             a, b = torch.randn(rank, in_f, generator=gen), torch.randn(out_f, rank, generator=gen)
             modules[f"layers.{layer}.{name}"] = ModuleLoRA(a, b, 0.5)
     return LoRAAdapter(modules)
+
+
+def hf_on_nf4(base_dir: Path, model, adapter_dir: Path | None = None):
+    """transformers' model of `base_dir` (+ PEFT's adapter) on our NF4 weights, dequantized to
+    fp32: the reference for `model` (a loaded loraplex model) and its adapters."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.kernels.nf4 import dequantize_nf4
+
+    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    for path, linear in model.linears().items():
+        layer = hf.model.layers[int(path.split(".")[1])]
+        for part, name in zip(linear.parts, linear.names):
+            layer.get_submodule(name).weight.data = dequantize_nf4(part, torch.float32)
+    if adapter_dir is not None:
+        hf = PeftModel.from_pretrained(hf, adapter_dir).eval()
+    return hf

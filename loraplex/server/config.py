@@ -173,12 +173,7 @@ def _lora_module(text: str) -> tuple[str, str, str | None] | None:
                 f'expected NAME=PATH or a JSON object {{"name": ..., "path": ..., "base_model_name": ...}}, '
                 f"got {text!r}")
         return name, path, None
-    try:
-        module = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {e.msg} (at character {e.pos})") from None
-    if not isinstance(module, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    module = _json_object(value)
     unknown = sorted(set(module) - {"name", "path", "base_model_name"})
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown field(s) {', '.join(unknown)} in {text!r}; the fields are "
@@ -191,21 +186,22 @@ def _lora_module(text: str) -> tuple[str, str, str | None] | None:
     return name, path, base
 
 
-def _json_object(text: str) -> dict:
+def _parse_json(text: str):
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {e.msg}") from None
+        raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {e.msg} (at character {e.pos})") from None
+
+
+def _json_object(text: str) -> dict:
+    value = _parse_json(text)
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
 
 
 def _json_list(text: str) -> list:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {e.msg}") from None
+    value = _parse_json(text)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {text!r}")
     return value

@@ -17,9 +17,8 @@ from loraplex.engine.engine import Engine, EngineConfig
 from loraplex.engine.request import FinishReason, Request
 from loraplex.engine.sampling import SamplingParams
 from loraplex.kernels import runtime
-from loraplex.kernels.nf4 import dequantize_nf4
 from loraplex.model.loader import load_model
-from tests.factory import ADAPTERS, make_adapter, make_model
+from tests.factory import ADAPTERS, hf_on_nf4, make_adapter, make_model
 
 
 @pytest.fixture(autouse=True)
@@ -42,16 +41,7 @@ def setup(request, tmp_path_factory):
 
 def reference(root, loaded, adapter_dir, prompt, max_new):
     """Greedy tokens and per-step log-probs from transformers (+ PEFT) on our NF4 weights."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32).eval()
-    for path, linear in loaded.model.linears().items():
-        layer = hf.model.layers[int(path.split(".")[1])]
-        for part, name in zip(linear.parts, linear.names):
-            layer.get_submodule(name).weight.data = dequantize_nf4(part, torch.float32)
-    if adapter_dir is not None:
-        hf = PeftModel.from_pretrained(hf, adapter_dir).eval()
+    hf = hf_on_nf4(root / "base", loaded.model, adapter_dir)
     with torch.no_grad():
         out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
                           output_logits=True, return_dict_in_generate=True,

@@ -19,9 +19,8 @@ from loraplex.engine.engine import Engine, EngineConfig
 from loraplex.engine.request import Request
 from loraplex.engine.sampling import SamplingParams
 from loraplex.kernels import runtime
-from loraplex.kernels.nf4 import dequantize_nf4
 from loraplex.model.loader import load_model
-from tests.factory import make_adapter, make_model, random_adapter
+from tests.factory import hf_on_nf4, make_adapter, make_model, random_adapter
 
 # every test but the last on the PyTorch references (fixture: tests/engine/conftest.py)
 on_references = pytest.mark.usefixtures("reference_kernels")
@@ -40,21 +39,9 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_models(setup):
     """transformers (+ PEFT) on our NF4 weights, by adapter name (None = base)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     root, loaded, adapters = setup
-    models = {}
-    for name in [None, *adapters]:
-        hf = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32).eval()
-        for path, linear in loaded.model.linears().items():
-            layer = hf.model.layers[int(path.split(".")[1])]
-            for part, hf_name in zip(linear.parts, linear.names):
-                layer.get_submodule(hf_name).weight.data = dequantize_nf4(part, torch.float32)
-        if name is not None:
-            hf = PeftModel.from_pretrained(hf, adapters[name]).eval()
-        models[name] = hf
-    return models
+    return {name: hf_on_nf4(root / "base", loaded.model, None if name is None else adapters[name])
+            for name in [None, *adapters]}
 
 
 def reference(hf_models, adapter, prompt) -> torch.Tensor:

@@ -15,11 +15,10 @@ from loraplex.engine.adapters import StaticAdapters
 from loraplex.engine.engine import Engine, EngineConfig
 from loraplex.engine.request import Request
 from loraplex.engine.sampling import SamplingParams
-from loraplex.kernels.nf4 import dequantize_nf4
 from loraplex.model.loader import load_model
 from loraplex.server import chat_template
 from loraplex.server.config import ServerConfig
-from tests.factory import make_adapter, make_model
+from tests.factory import hf_on_nf4, make_adapter, make_model
 from tests.server.test_server import live_server
 
 PROMPT = [5, 9, 17, 33, 2, 8]
@@ -133,13 +132,7 @@ def test_fields_we_cannot_honour_are_refused_by_name(server):
 def hf_logprobs(s, ids: list[int]) -> torch.Tensor:
     """log_softmax of transformers' logits for `ids` on the base model with the served NF4
     weights (dequantized): [len, V]."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(s["root"] / "base", dtype=torch.float32).eval()
-    for path, linear in s["oracle"].model.linears().items():
-        layer = model.model.layers[int(path.split(".")[1])]
-        for part, name in zip(linear.parts, linear.names):
-            layer.get_submodule(name).weight.data = dequantize_nf4(part, torch.float32)
+    model = hf_on_nf4(s["root"] / "base", s["oracle"].model)
     with torch.no_grad():
         return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
 
