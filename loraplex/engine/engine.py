@@ -30,6 +30,7 @@ from . import launches
 from .adapters import AdapterProvider, UnknownAdapterError
 from .cuda_graphs import DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
+from .grammar import GrammarCompiler, GrammarError, new_bitmask
 from .kv_cache import BlockAllocator, KVCache, blocks_for_memory
 from .request import FinishReason, Request, RequestOutput, Status
 from .prompt_logprobs import PromptLogprobs
@@ -167,8 +168,6 @@ class Engine:
         if (req.params.stop or req.params.grammar is not None) and not req.detokenize:
             raise RequestError("a request with stop strings or a grammar must be detokenized by the engine")
         if req.params.grammar is not None:
-            from .grammar import GrammarError
-
             try:
                 req.matcher = self.grammars().matcher(req.params.grammar)
             except GrammarError as exc:
@@ -262,15 +261,11 @@ class Engine:
     def grammars(self):
         """The structured-output compiler (built on first use: most engines never need one)."""
         if self._grammars is None:
-            from .grammar import GrammarCompiler
-
             self._grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
         return self._grammars
 
     def _grammar_bitmask(self, sampled: list[Request], device) -> torch.Tensor:
         """The allowed tokens of each row [B, ceil(V/32)] (all allowed for unconstrained rows)."""
-        from .grammar import new_bitmask
-
         bitmask = new_bitmask(len(sampled), self.model.config.vocab_size)
         for row, req in enumerate(sampled):
             if req.matcher is not None:

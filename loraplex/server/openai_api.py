@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from ..engine.adapters import UnknownAdapterError
 from ..engine.async_engine import EngineStoppedError, internal_error
 from ..engine.engine import RequestError
+from ..engine.grammar import GrammarError
 from ..engine.request import FinishReason, RequestOutput
 from ..engine.sampling import SamplingParams, TokenLogprob
 from . import chat_template, resolver, sse
@@ -82,8 +83,6 @@ async def check_grammar(state: ServerState, params: SamplingParams) -> None:
     """400 for a structured-output schema, regex or grammar that cannot compile, before queuing."""
     if params.grammar is None:
         return
-    from ..engine.grammar import GrammarError
-
     try:
         await asyncio.to_thread(state.grammar_compiler().check, params.grammar)
     except GrammarError as exc:

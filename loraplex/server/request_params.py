@@ -2,7 +2,8 @@
 logit_bias and structured output (response_format, vLLM's guided_* and structured_outputs).
 
 Every field a body accepts takes effect or is refused by name (`schemas.REFUSED_FIELDS`);
-fields no API defines are ignored, as OpenAI clients send extras, and logged once by name.
+other fields are ignored, as OpenAI clients send extras (store, metadata, ...), and logged
+once by name.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 
+from ..engine.grammar import GrammarSpec
 from ..engine.sampling import SEED_MAX, SamplingParams
 from .errors import APIError
 from .state import ServerState
@@ -63,7 +65,7 @@ def log_ignored(names: list[str]) -> None:
     new = [n for n in names if n not in _ignored_logged]
     if new:
         _ignored_logged.update(new)
-        log.warning("request fields ignored (no API this server follows defines them): %s", ", ".join(new))
+        log.warning("request fields ignored (neither OpenAI's sampling fields nor vLLM's): %s", ", ".join(new))
 
 
 def logit_bias(state: ServerState, given: dict[str, float] | None) -> dict[int, float]:
@@ -83,8 +85,6 @@ def logit_bias(state: ServerState, given: dict[str, float] | None) -> dict[int, 
 
 def grammar_spec(body):
     """The structured-output grammar the body asks for (at most one way), or None."""
-    from ..engine.grammar import GrammarSpec
-
     asked = []
     fmt = body.response_format
     if fmt is not None:
@@ -146,8 +146,6 @@ def grammar_spec(body):
 def with_whitespace(spec, pattern: str):
     """A JSON spec whose whitespace between tokens is `pattern` (a regex; "" = compact JSON),
     through llguidance's "x-guidance" schema options."""
-    from ..engine.grammar import GrammarSpec
-
     if spec is None or spec.kind not in ("json_object", "json_schema"):
         raise APIError(400, "guided_whitespace_pattern applies to JSON output (guided_json, response_format)",
                        param="guided_whitespace_pattern")

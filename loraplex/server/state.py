@@ -27,6 +27,7 @@ from ..demo import ADAPTERS_DIR, MODEL_DIR, adapter_paths
 from ..engine.async_engine import AsyncEngine
 from ..engine.engine import Engine, EngineConfig
 from ..engine.fast_tokenizer import encoder, releasing_encoder
+from ..engine.grammar import GrammarCompiler
 from ..kernels import runtime
 from ..model.loader import load_model
 from .config import ServerConfig, load_generation_defaults
@@ -270,8 +271,6 @@ class ServerState:
         """A structured-output compiler on this process's tokenizer, to refuse a schema or
         pattern that cannot compile before its request is queued (the engine compiles its own)."""
         if self._grammars is None:
-            from ..engine.grammar import GrammarCompiler
-
             self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size,
                                              eos_token_ids(self.model_dir or demo_model_dir(), self.tokenizer))
         return self._grammars
