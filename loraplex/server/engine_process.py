@@ -42,6 +42,7 @@ from typing import AsyncIterator, Sequence
 from ..engine.adapters import UnknownAdapterError
 from ..engine.async_engine import AsyncEngine, EngineStoppedError, OutputStream, consume, deliver, engine_detokenizes
 from ..engine.engine import check_limits
+from ..engine.grammar import GrammarError
 from ..engine.request import FinishReason, Request, RequestOutput
 from ..engine.sampling import SamplingParams
 from .config import ServerConfig
@@ -199,6 +200,11 @@ class EngineServer:
                 req = Request(request_id, prompt_ids, params, adapter)
                 req.detokenize = engine_detokenizes(params)  # the API process makes the others' text
                 reqs.append(req)
+                if params.grammar is not None:  # compiled here, not on the engine thread between steps
+                    try:
+                        self.async_engine.engine.grammars().check(params.grammar)
+                    except GrammarError:
+                        pass  # add_request refuses it with the reason
             self.async_engine.add(reqs, self.send_outputs)
         elif kind == "abort":
             doomed = message[1]

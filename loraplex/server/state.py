@@ -269,7 +269,11 @@ class ServerState:
 
     def grammar_compiler(self):
         """A structured-output compiler on this process's tokenizer, to refuse a schema or
-        pattern that cannot compile before its request is queued (the engine compiles its own)."""
+        pattern that cannot compile before its request is queued: the engine's own when it runs
+        here (its cache then holds the grammar before the engine thread needs it); the engine
+        process compiles its own copy as a request arrives, off its engine thread."""
+        if self.engine is not None:
+            return self.engine.grammars()
         if self._grammars is None:
             self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size,
                                              eos_token_ids(self.model_dir or demo_model_dir(), self.tokenizer))

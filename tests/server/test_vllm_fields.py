@@ -1,6 +1,6 @@
-"""The request fields vLLM honours, through the real server (engine in its own process, so
-every new field crosses the wire): each takes effect, checked against the engine run with the
-same SamplingParams or against transformers, or it is refused by name."""
+"""The request fields vLLM honours, through the real server (the engine in its own process and
+on a thread): each takes effect, checked against the engine run with the same SamplingParams
+or against transformers, or it is refused by name."""
 
 from __future__ import annotations
 
@@ -24,14 +24,17 @@ from tests.server.test_server import live_server
 PROMPT = [5, 9, 17, 33, 2, 8]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["process", "thread"])
+def server(request, tmp_path_factory):
+    """The tiny model's server, with the engine in its own process (every field crosses the
+    wire) and then on a thread (the API and the engine share the grammar compiler)."""
     root = tmp_path_factory.mktemp("vllm_fields")
     make_model(root / "base", "llama")
     path = make_adapter(root / "base", root / "adapters" / "all", "all", seed=1)
     config = ServerConfig(model=str(root / "base"), served_model_name="tiny", adapters={"all": str(path)},
                           dtype="fp32", device="cpu", kv_cache_tokens=2048, max_num_seqs=16, max_gpu_adapters=2,
-                          max_host_adapters=2, max_tokens_limit=64, max_n=4)
+                          max_host_adapters=2, max_tokens_limit=64, max_n=4,
+                          engine_process=request.param == "process")
     with live_server(config) as (url, state):
         oracle = load_model(root / "base", dtype=torch.float32, progress=False)
         yield {"url": url, "state": state, "root": root, "path": path, "oracle": oracle}
