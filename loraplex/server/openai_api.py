@@ -613,8 +613,10 @@ async def models(request: Request):
     admin = is_admin(request)
     created = int(state.started_at)
     entry = {"object": "model", "owned_by": "loraplex", "max_model_len": state.max_model_len}
-    data = [{"id": state.model_name, **entry, "created": created,
-             "root": str(state.model_dir) if admin and state.model_dir else None, "parent": None}]
+    root = str(state.model_dir) if admin and state.model_dir else None
+    # every served name of the base model, as vLLM lists them (--served-model-name A B ...)
+    data = [{"id": name, **entry, "created": created, "root": root, "parent": None}
+            for name in [state.model_name, *state.config.served_model_aliases]]
     for info in await asyncio.to_thread(state.registry.list):  # the engine process may hold the registry
         if info.state != "ready":
             continue

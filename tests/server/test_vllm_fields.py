@@ -191,6 +191,14 @@ def test_tokenize_detokenize_and_models_max_model_len(server):
     assert post(server, "/tokenize", model="nope", prompt="x").status_code == 404
     models = httpx.get(server["url"] + "/v1/models").json()["data"]
     assert {m["max_model_len"] for m in models} == {server["state"].max_model_len}
+    config = server["state"].config
+    config.served_model_aliases = ["org/tiny"]
+    try:  # every served name is listed, and answers as the base model
+        models = httpx.get(server["url"] + "/v1/models").json()["data"]
+        assert [m["id"] for m in models if m["parent"] is None] == ["tiny", "org/tiny"]
+        assert complete(server, model="org/tiny")["choices"][0]["text"] == complete(server)["choices"][0]["text"]
+    finally:
+        config.served_model_aliases = []
 
 
 def test_n_greedy_gives_n_identical_choices(server):
