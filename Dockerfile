@@ -50,6 +50,12 @@ COPY pyproject.toml README.md ./
 COPY loraplex ./loraplex
 RUN pip install . && rm -rf /build
 
+# Deployments written for vLLM run `vllm serve MODEL ...` (KServe's LLMInferenceService template
+# does): in this image that command is `loraplex serve`, which takes vLLM's command lines (README,
+# "Coming from vLLM"). Only here, not as a pip script: it must not shadow a real vLLM elsewhere.
+RUN printf '#!/bin/sh\n# vLLM command lines, served by loraplex\nexec loraplex "$@"\n' > /opt/venv/bin/vllm \
+    && chmod 755 /opt/venv/bin/vllm
+
 # A non-root user with a home: Triton's kernel cache (~/.triton) and loraplex's measured kernel
 # plans (~/.cache/loraplex) live there; compose.yaml keeps ~/.cache on a volume.
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin loraplex \
@@ -67,6 +73,10 @@ EXPOSE 8000
 # It assumes the default --port 8000 of CMD below.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+
+# Every interface, also when a deployment's own arguments replace CMD (vLLM's default is every
+# interface, so vLLM manifests pass no --host); a --host flag still wins.
+ENV LORAPLEX_HOST=0.0.0.0
 
 # Flags can also come from LORAPLEX_* environment variables (LORAPLEX_MODEL, LORAPLEX_API_KEY,
 # LORAPLEX_ADMIN_KEY, ...; see `loraplex serve --help`); secrets are better passed that way.

@@ -309,6 +309,10 @@ def test_dockerfile():
     assert "8000" in next(rest for op, rest in ins if op == "EXPOSE").split()
     assert json.loads(next(rest for op, rest in ins if op == "ENTRYPOINT")) == ["loraplex", "serve"]
     assert json.loads(next(rest for op, rest in ins if op == "CMD")) == ["--host", "0.0.0.0", "--port", "8000"]
+    # vLLM manifests: `vllm serve ...` runs loraplex serve, and replaced args still listen everywhere
+    shim = next(rest for op, rest in ins if op == "RUN" and "/opt/venv/bin/vllm" in rest)
+    assert 'exec loraplex "$@"' in shim and "chmod 755" in shim
+    assert any(op == "ENV" and rest == "LORAPLEX_HOST=0.0.0.0" for op, rest in ins)
     health = next(rest for op, rest in ins if op == "HEALTHCHECK")
     assert "/health" in health and "urllib" in health and "curl" not in health
     # The script the entrypoint names exists.
