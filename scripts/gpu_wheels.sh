@@ -2,7 +2,7 @@
 # Download into .whl/ (git-ignored) the wheels the lent GPU machine lacks, for CPython 3.12
 # x86_64 manylinux: that machine (the device tool's nvidia-h200 kind, /work/.library/device/)
 # has torch 2.11 cu130, triton, transformers, peft, safetensors, prometheus-client, httpx,
-# pytest, numpy, click ... but not bitsandbytes, fastapi, uvicorn, starlette, pydantic,
+# pytest, numpy, click ... but not bitsandbytes, llguidance, fastapi, uvicorn, starlette, pydantic,
 # pydantic-core or openai, and nothing can be downloaded there. bench/gpu_check.py installs
 # them there with `pip install --no-index --no-deps --target /tmp/site .whl/*.whl`.
 #
@@ -13,6 +13,10 @@
 # version the image may not satisfy (typing-extensions >= 4.16 for pydantic, anyio >= 4.10
 # and idna >= 3.18 for openai/httpx2, h11 >= 0.16 for httpcore2, annotated-doc for fastapi):
 # /tmp/site comes first on PYTHONPATH, so these versions win.
+#
+# llguidance 1.9.1 (structured output; imported by the engine and the server) is built for
+# manylinux_2_31 (glibc >= 2.31), hence that platform tag below; the image's torch 2.11 cu130
+# needs glibc >= 2.28 itself, so this is the one wheel that asks more of the image.
 #
 # bitsandbytes 0.50.2 ships one native library per CUDA, ROCm and XPU version (43 MB as
 # a wheel); the machine's torch is cu130, so the wheel is rewritten keeping only the CPU and
@@ -32,6 +36,7 @@ fi
 
 WHEELS=(
     bitsandbytes==0.50.2
+    llguidance==1.9.1
     fastapi==0.165.0
     starlette==1.10.0
     uvicorn==0.54.0
@@ -57,7 +62,8 @@ IMAGE_HAS="torch numpy packaging click certifi"
 
 mkdir -p "$DEST"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
     -d "$DEST" "${WHEELS[@]}"
 
