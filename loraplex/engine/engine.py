@@ -35,7 +35,7 @@ from .kv_cache import BlockAllocator, KVCache, blocks_for_memory
 from .request import FinishReason, Request, RequestOutput, Status
 from .prompt_logprobs import PromptLogprobs
 from .runner import ModelRunner
-from .sampling import Draw, SamplingParams, check_vocab, draw, make_generator
+from .sampling import Draw, SamplingParams, check_vocab, draw, host_to_device, make_generator
 from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 
 log = logging.getLogger("loraplex.engine")
@@ -270,9 +270,7 @@ class Engine:
         for row, req in enumerate(sampled):
             if req.matcher is not None:
                 req.matcher.fill_bitmask(bitmask[row])
-        if device.type == "cuda":
-            return bitmask.pin_memory().to(device, non_blocking=True)
-        return bitmask
+        return host_to_device(bitmask, device)
 
     def _land(self, flight: InFlight) -> None:
         """Wait for a launched step's tokens and postprocess them (those of requests that ended

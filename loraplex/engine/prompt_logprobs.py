@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .request import Request, Status
-from .sampling import TokenLogprob, on_device
+from .sampling import TokenLogprob, device_to_host, on_device
 
 ROWS_PER_CHUNK = 256  # prompt rows per lm_head + log_softmax (see the memory bound above)
 
@@ -88,11 +88,9 @@ def compute(model, x: torch.Tensor, residual: torch.Tensor | None, wanted: Promp
     packed = parts[0] if len(parts) == 1 else torch.cat(parts)
     ready = None
     if device.type == "cuda":  # a copy queued behind the step; `land` waits for it alone
-        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-        host.copy_(packed, non_blocking=True)
+        packed = device_to_host(packed)
         ready = torch.cuda.Event()
         ready.record()
-        packed = host
     for req, _, end in wanted.segments:
         req.prompt_logprobs_done = end
     return PromptLogprobs(wanted, packed, ready)

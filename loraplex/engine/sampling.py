@@ -226,9 +226,21 @@ def on_device(values: list, device: torch.device, dtype: torch.dtype | None = No
             torch.empty(0, dtype=dtype)
     else:
         t = torch.tensor(values, dtype=dtype)
+    return host_to_device(t, device)
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, through pinned memory on CUDA so that nothing waits."""
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
+
+
+def device_to_host(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of CUDA tensor `t`, queued on the stream (record an event after it
+    and wait for that before reading)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
 @dataclass(slots=True)
@@ -249,8 +261,8 @@ class Draw:
     def start_copy(self) -> Draw:
         """Queue the copy of the results to the host (CUDA; elsewhere they are there already)."""
         if self.tokens.device.type == "cuda":
-            self.host_tokens = _pinned_copy(self.tokens)
-            self.host_packed = None if self.packed is None else _pinned_copy(self.packed)
+            self.host_tokens = device_to_host(self.tokens)
+            self.host_packed = None if self.packed is None else device_to_host(self.packed)
             self.copied = torch.cuda.Event()
             self.copied.record()
         return self
@@ -271,11 +283,6 @@ class Draw:
             top = [(int(row[1 + k + j]), row[1 + j]) for j in range(min(want, k))]
             out[i] = TokenLogprob(token_id=token_list[i], logprob=row[0], top=top)
         return token_list, out
-
-
-def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
 
 
 def sample(

@@ -61,7 +61,7 @@ async def _call(fn, *args, **kwargs):
 
 
 def _check_name(state: ServerState, name: str) -> None:
-    if name == state.model_name or name in state.config.served_model_aliases:
+    if state.is_base_model(name):
         raise APIError(409, f"'{name}' is the base model's name", param="name", code="adapter_exists")
 
 

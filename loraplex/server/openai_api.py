@@ -72,7 +72,7 @@ def check_serving(state: ServerState) -> None:
 async def adapter_for(state: ServerState, model: str) -> str | None:
     """None for the base model (by its name or an alias), else the adapter name, loading it
     first if it is a directory under a --lora-resolve-root; 404 for anything else."""
-    if model == state.model_name or model in state.config.served_model_aliases:
+    if state.is_base_model(model):
         return None
     if state.registry.has(model) or await resolver.load_on_first_request(state, model):
         return model
@@ -126,15 +126,11 @@ def check_room(state: ServerState, jobs: int) -> Room:
     return Room(state, jobs)
 
 
-def prompt_token_limit(state: ServerState) -> int:
-    return state.config.max_prompt_tokens or state.max_model_len
-
-
 def check_chars(state: ServerState, chars: int, param: str) -> None:
     """Refuse, untokenized, a text that cannot be within the prompt limit (or is absurd): more
     characters than the limit times the longest token, or than MAX_CHARS_PER_TOKEN per token.
     Tokenizing first let a few MB of prompt hold the process for seconds."""
-    limit = prompt_token_limit(state)
+    limit = state.prompt_token_limit
     most = limit * min(state.longest_token_chars, MAX_CHARS_PER_TOKEN)
     if chars > most:
         raise APIError(400, f"the prompt has {chars} characters; a prompt of at most {limit} tokens is accepted, "
@@ -627,8 +623,7 @@ async def models(request: Request):
 
 def check_model(state: ServerState, model: str | None) -> None:
     """/tokenize and /detokenize: every adapter shares the base model's tokenizer; a name must exist."""
-    if model is not None and model != state.model_name and model not in state.config.served_model_aliases \
-            and not state.registry.has(model):
+    if model is not None and not state.is_base_model(model) and not state.registry.has(model):
         raise APIError(404, f"the model '{model}' does not exist", param="model", code="model_not_found")
 
 
@@ -659,8 +654,8 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     state = state_of(request)
     check_serving(state)
     check_model(state, body.model)
-    if len(body.tokens) > prompt_token_limit(state):
-        raise APIError(400, f"at most {prompt_token_limit(state)} tokens", param="tokens")
+    if len(body.tokens) > state.prompt_token_limit:
+        raise APIError(400, f"at most {state.prompt_token_limit} tokens", param="tokens")
     if any(not 0 <= t < state.vocab_size for t in body.tokens):
         raise APIError(400, f"token ids must be in [0, {state.vocab_size})", param="tokens")
     return JSONResponse({"prompt": state.tokenizer.decode(body.tokens)})

@@ -37,7 +37,7 @@ def sampling_params(state: ServerState, body, prompt_len: int, max_tokens: int |
                        param="seed")
     if body.stream and body.prompt_logprobs is not None:
         raise APIError(400, "prompt_logprobs are not available with stream", param="prompt_logprobs")
-    limit = state.config.max_prompt_tokens or state.max_model_len
+    limit = state.prompt_token_limit
     if prompt_len > limit:
         raise APIError(400, f"the prompt has {prompt_len} tokens; at most {limit} are accepted",
                        param="prompt", code="context_length_exceeded")

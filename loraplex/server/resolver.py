@@ -75,7 +75,7 @@ async def load_on_first_request(state, name: str) -> bool:
     saying why."""
     if not state.config.lora_resolve_roots or not is_resolvable_name(name):
         return False
-    if name == state.model_name or name in state.config.served_model_aliases:
+    if state.is_base_model(name):
         return False  # the base model's names are never adapters
     if state.registry.has(name):
         return True

@@ -267,6 +267,15 @@ class ServerState:
             return async_engine.call("snapshot").result(10)
         return take_snapshot(self.engine, registry, async_engine)
 
+    def is_base_model(self, name: str) -> bool:
+        """Whether `name` names the base model (--served-model-name and its aliases)."""
+        return name == self.model_name or name in self.config.served_model_aliases
+
+    @property
+    def prompt_token_limit(self) -> int:
+        """The longest prompt accepted, in tokens (--max-prompt-tokens, else the context length)."""
+        return self.config.max_prompt_tokens or self.max_model_len
+
     def grammar_compiler(self):
         """A structured-output compiler on this process's tokenizer, to refuse a schema or
         pattern that cannot compile before its request is queued: the engine's own when it runs

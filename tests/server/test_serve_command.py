@@ -105,11 +105,17 @@ def start_serving(model_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
                              "--port", str(port), "--device", "cpu", "--dtype", "fp32", "--log-level", "warning",
                              *flags], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    return wait_ready(proc, url), url
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 120) -> subprocess.Popen:
+    """`proc` once `url`/ready answers 200 (any certificate, for TLS servers); its output as the
+    failure if it exits or the time runs out first."""
+    deadline = time.monotonic() + timeout
     while True:
         try:
-            if httpx.get(url + "/ready").status_code == 200:
-                return proc, url
+            if httpx.get(url + "/ready", verify=False, timeout=5).status_code == 200:
+                return proc
         except httpx.TransportError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -25,6 +25,7 @@ from loraplex.demo import ADAPTERS_DIR, MODEL_DIR, tasks
 from loraplex.server import resolver
 from loraplex.server.config import ServerConfig, config_from_args, load_generation_defaults, normalize_vllm_argv
 from loraplex.server.errors import APIError
+from tests.server.test_serve_command import wait_ready
 from tests.server.test_server import free_port, live_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,17 +118,7 @@ def start(args: list[str], env: dict[str, str], url: str, timeout: float = 120) 
                 "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p), **env}
     proc = subprocess.Popen([sys.executable, "-m", "loraplex.cli", "serve", *args], env=full_env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url + "/ready", verify=False, timeout=5).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(proc.stdout.read())
-        time.sleep(0.2)
+    return wait_ready(proc, url, timeout)
 
 
 def stop(proc: subprocess.Popen) -> str:
