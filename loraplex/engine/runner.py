@@ -10,7 +10,7 @@ import torch
 
 from ..kernels.lora import BatchMeta
 from ..model.llama import CausalLM
-from ..model.step import PrefillChunk, StepMeta
+from ..model.step import StepMeta
 from . import prompt_logprobs
 from .cuda_graphs import DecodeGraphs
 from .prompt_logprobs import PromptLogprobs
@@ -34,11 +34,15 @@ class ModelRunner:
         bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
+    def _tables(self, tables: list[list[int]]) -> torch.Tensor:
+        """Block tables [len(tables), widest] int32, zero-padded."""
+        width = max(map(len, tables), default=0)
+        flat = [b for t in tables for b in t + [0] * (width - len(t))]
+        return self._to_device(flat, torch.int32).view(len(tables), width)
+
     def _decode_tables(self, decodes: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         """Block tables [D, widest] int32 (zero-padded) and lengths [D] int32 of decode sequences."""
-        width = max((len(r.block_table) for r in decodes), default=0)
-        tables = [b for r in decodes for b in r.block_table + [0] * (width - len(r.block_table))]
-        return (self._to_device(tables, torch.int32).view(len(decodes), width),
+        return (self._tables([r.block_table for r in decodes]),
                 self._to_device([r.num_tokens for r in decodes], torch.int32))
 
     def _input_ids(self, decodes_first: int, ids: list[int], decodes: list[Request],
@@ -65,7 +69,7 @@ class ModelRunner:
         lora_slots: list[int] = []
         logits_rows: list[int] = []
         sampled: list[Request] = []
-        chunks: list[tuple[int, int, int, list[int]]] = []
+        cu_seqlens, contexts, prefill_tables = [0], [], []
         for req, n in sched.prefills:
             start, first = len(ids), req.num_computed
             if req.pending:  # a prompt chunk reads only tokens the host has
@@ -74,7 +78,9 @@ class ModelRunner:
             positions += range(first, first + n)
             rows += self._rows(req.block_table, first, first + n)
             lora_slots += [req.lora_slot] * n
-            chunks.append((start, n, first, req.block_table[: -(-(first + n) // self.block_size)]))
+            cu_seqlens.append(start + n)
+            contexts.append(first)
+            prefill_tables.append(req.block_table[: -(-(first + n) // self.block_size)])
             if first + n == req.num_tokens:  # the prompt is complete: sample the next token
                 logits_rows.append(start + n - 1)
                 sampled.append(req)
@@ -98,7 +104,9 @@ class ModelRunner:
             positions=dev_positions,
             slot_mapping=self._to_device(rows, torch.int64),
             cos=cos, sin=sin,
-            prefills=[PrefillChunk(s, n, c, self._to_device(t, torch.int64)) for s, n, c, t in chunks],
+            prefill_cu_seqlens=self._to_device(cu_seqlens, torch.int32) if contexts else None,
+            prefill_context_lens=self._to_device(contexts, torch.int32) if contexts else None,
+            prefill_block_tables=self._tables(prefill_tables) if contexts else None,
             decode_start=decode_start,
             decode_block_tables=tables,
             decode_seq_lens=seq_lens,

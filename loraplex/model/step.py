@@ -10,16 +10,6 @@ from ..kernels.lora import BatchMeta
 
 
 @dataclass(slots=True)
-class PrefillChunk:
-    """A run of one sequence's prompt tokens in this step (host-side ints)."""
-
-    start: int                # first row of the chunk in the flat batch
-    length: int               # tokens in the chunk
-    context_len: int          # positions of this sequence already in the KV cache before the chunk
-    block_table: torch.Tensor  # [blocks covering context_len + length] int64 KV block ids
-
-
-@dataclass(slots=True)
 class StepMeta:
     """One engine step: T tokens, prefill chunks first, then one decode token per sequence."""
 
@@ -27,8 +17,11 @@ class StepMeta:
     slot_mapping: torch.Tensor   # [T] int64 flat KV cache row (block * block_size + offset) to write
     cos: torch.Tensor            # [T, head_dim] rope tables gathered at `positions` (activation dtype)
     sin: torch.Tensor            # [T, head_dim]
-    prefills: list[PrefillChunk]
-    decode_start: int            # rows decode_start .. T-1 are decode tokens
+    # the step's P prompt chunks (all None when it has none):
+    prefill_cu_seqlens: torch.Tensor | None    # [P + 1] int32: chunk i is rows cu[i] .. cu[i+1]-1
+    prefill_context_lens: torch.Tensor | None  # [P] int32 positions of chunk i's sequence cached before it
+    prefill_block_tables: torch.Tensor | None  # [P, widest] int32 (zero-padded) blocks of chunk i's sequence
+    decode_start: int            # rows 0 .. decode_start-1 are prompt chunks, decode_start .. T-1 decodes
     decode_block_tables: torch.Tensor  # [D, max_blocks] int32
     decode_seq_lens: torch.Tensor      # [D] int32 positions to attend, the new token included
     lora: BatchMeta | None       # per-token adapter slots; None when no token uses an adapter

@@ -17,6 +17,7 @@ from loraplex.engine.engine import Engine, EngineConfig
 from loraplex.engine.request import FinishReason, Request
 from loraplex.engine.sampling import SamplingParams
 from loraplex.kernels import runtime
+from loraplex.model import attention as model_attention
 from loraplex.model.loader import load_model
 from tests.factory import ADAPTERS, hf_on_nf4, make_adapter, make_model
 
@@ -76,7 +77,28 @@ def prompts(loaded, lengths, seed=0):
 
 
 def test_mixed_batch_matches_transformers_peft(setup):
-    root, loaded, adapters = setup
+    check_mixed_batch(*setup)
+
+
+def test_mixed_batch_matches_transformers_peft_with_the_prefill_kernel(setup, monkeypatch):
+    """The same, with the paged prefill attention kernel (interpreted) in place of the
+    reference's gather + SDPA; everything else stays on the references."""
+    real = model_attention.paged_prefill_attention
+
+    def kernel(*args):
+        monkeypatch.setattr(runtime, "_reference_only", False)
+        try:
+            return real(*args)
+        finally:
+            monkeypatch.setattr(runtime, "_reference_only", True)
+
+    monkeypatch.setattr(model_attention, "paged_prefill_attention", kernel)
+    with runtime.recording_launches() as launched:
+        check_mixed_batch(*setup)
+    assert {key[0] for key in launched} == {"_paged_prefill_kernel"}
+
+
+def check_mixed_batch(root, loaded, adapters):
     lengths = [5, 11, 3, 23, 7, 9, 1]
     names = [None, "all", "attn", "pattern", "all", None, "pattern"]
     arrive = [0, 0, 0, 0, 3, 5, 6]
