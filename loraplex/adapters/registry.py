@@ -21,6 +21,7 @@ or at the next step when forced (its requests then end with finish reason "abort
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import shutil
@@ -87,6 +88,7 @@ class AdapterEntry:
     rank: int
     targets: list[str]
     nbytes: int                           # compact size of its A and B (as stored)
+    version: int = 0                      # new for every registration (the prefix cache's key)
     owns_path: bool = False               # a merged adapter's directory, removed when gone
     roots: tuple[Path, ...] | None = None # a client named the path: every read stays inside these
     checked: ConfigCheck = field(default_factory=ConfigCheck)  # its config, checked once for all reads
@@ -234,6 +236,8 @@ class AdapterRegistry:
         self._wanted: list[AdapterEntry] = []          # to page in (demand, in request order)
         self._all_pinned_since: float | None = None    # since when every slot holds a pinned adapter
         self._ends: list[tuple[AdapterEntry, FinishReason, str]] = []  # requests to end at the next step
+        self._versions = itertools.count(1)            # 0 is the base model's
+        self._retired: list[int] = []                  # versions gone since retired_versions() was called
         self._dirs_to_remove: set[Path] = set()        # merged adapters' directories queued on the io thread
         self._cuda = self.pool.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.pool.device) if self._cuda else None
@@ -273,8 +277,8 @@ class AdapterRegistry:
         path = Path(path)
         with self._lock:
             self._check_name_free(name, replace)
-            entry = AdapterEntry(name, path, 0, [], 0, owns_path=_owns_path,
-                                 roots=None if roots is None else tuple(Path(r) for r in roots))
+            entry = AdapterEntry(name, path, 0, [], 0, version=next(self._versions),
+                                 owns_path=_owns_path, roots=None if roots is None else tuple(Path(r) for r in roots))
             if pin:  # claimed in the same hold of the lock as the check, so racing pins cannot all pass it
                 self._check_pin_room(replacing=self._names.get(name))
                 entry.pinned = True
@@ -450,6 +454,14 @@ class AdapterRegistry:
             ends, self._ends = self._ends, []
             return ends
 
+    def version(self, entry: AdapterEntry) -> int:
+        return entry.version
+
+    def retired_versions(self) -> list[int]:
+        with self._lock:
+            gone, self._retired = self._retired, []
+            return gone
+
     # -- internals (under the lock unless noted) ------------------------------------------
 
     def _read(self, entry: AdapterEntry) -> LoRAAdapter:
@@ -543,6 +555,7 @@ class AdapterRegistry:
     def _retire(self, entry: AdapterEntry) -> None:
         """Free what a drained entry holds (a slot or row still being copied: once the copy ends)."""
         entry.state = "gone"
+        self._retired.append(entry.version)
         if entry in self._draining:
             self._draining.remove(entry)
         if entry in self._wanted:

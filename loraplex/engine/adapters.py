@@ -7,6 +7,11 @@ while the adapter is not in a GPU slot yet; the scheduler then leaves that reque
 and goes on with others. `between_steps` is where pages move (engine thread, never mid-step);
 it returns the handles whose requests must end now (a forced unload, a page-in that failed),
 each with the finish reason and message to give them.
+
+The prefix cache shares KV blocks only between sequences of one adapter *version*
+(`version`: a number >= 1, new for every registration, so a replaced adapter's blocks are
+never reused); `retired_versions` names the versions gone since it was last called (their
+cached blocks are freed).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class AdapterProvider(Protocol):
     def activate(self, handle: Any) -> int | None: ...  # GPU slot, or None while paging in
     def deactivate(self, handle: Any) -> None: ...
     def between_steps(self) -> list[tuple[Any, FinishReason, str]]: ...
+    def version(self, handle: Any) -> int: ...
+    def retired_versions(self) -> list[int]: ...
 
 
 class StaticAdapters:
@@ -73,4 +80,10 @@ class StaticAdapters:
         pass
 
     def between_steps(self) -> list[tuple[Any, FinishReason, str]]:
+        return []
+
+    def version(self, handle: str) -> int:
+        return self._slots[handle] + 1
+
+    def retired_versions(self) -> list[int]:
         return []

@@ -33,6 +33,7 @@ from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarCompiler, GrammarError, new_bitmask
 from .kv_cache import BlockAllocator, KVCache, blocks_for_memory
 from .request import FinishReason, Request, RequestOutput, Status
+from .prefix_cache import BASE_VERSION, PrefixCache
 from .prompt_logprobs import PromptLogprobs
 from .runner import ModelRunner
 from .sampling import Draw, SamplingParams, check_vocab, draw, host_to_device, make_generator
@@ -51,6 +52,7 @@ class EngineConfig:
     max_model_len: int | None = None     # None = the model's own limit
     cuda_graph_max_batch: int = 256      # decode steps up to this batch replay CUDA graphs; 0 = off
     async_scheduling: bool | None = None  # one step in flight (see above); None = on CUDA only
+    enable_prefix_caching: bool = True   # reuse the KV blocks of prompt prefixes already computed
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -71,6 +73,8 @@ class StepStats:
     adapters: int        # distinct adapters among the step's sequences (base model not counted)
     seconds: float       # wall time of the step, scheduling to sampled tokens on the host
     preempted: int
+    cache_lookups: tuple[tuple[str | None, int, int], ...] = ()  # prefix cache, per admitted request:
+                                                                  # (adapter or None, tokens looked up, found)
 
 
 @dataclass(slots=True)
@@ -132,8 +136,9 @@ class Engine:
         self.kv_cache = KVCache.allocate(model.config, num_blocks, bs, model.dtype, model.device)
         model.bind_kv_cache(self.kv_cache.k, self.kv_cache.v)
         self.allocator = BlockAllocator(num_blocks, bs)
+        self.prefix_cache = PrefixCache(self.allocator) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
-                                   self.allocator, adapters)
+                                   self.allocator, adapters, self.prefix_cache)
         graphs = None
         if model.device.type == "cuda" and config.cuda_graph_max_batch > 0:
             graphs = DecodeGraphs(model, min(config.cuda_graph_max_batch, config.max_num_seqs), self.limits.max_blocks)
@@ -182,6 +187,9 @@ class Engine:
                 skip_special_tokens=req.params.skip_special_tokens)
         if req.adapter is not None:  # last: a request refused above holds no adapter reference
             req.adapter_ref = self.adapters.acquire(req.adapter)
+            req.cache_version = self.adapters.version(req.adapter_ref)
+        else:
+            req.cache_version = BASE_VERSION
         self.requests[req.request_id] = req
         self.scheduler.add(req)
 
@@ -217,6 +225,9 @@ class Engine:
         if self.adapters is not None:
             for handle, reason, message in self.adapters.between_steps():
                 self.abort_holding(handle, reason, message)
+            for version in self.adapters.retired_versions():
+                if self.prefix_cache is not None:
+                    self.prefix_cache.drop(version)
         try:
             started = time.monotonic()
             if self._in_flight is not None and self._in_flight.constrained:
@@ -234,6 +245,7 @@ class Engine:
                 self._land(done)
         except BaseException:
             self._in_flight = None  # the caller fails the requests; nothing of it is kept
+            self.allocator.clear_cache()  # blocks published by the failed step may be half written
             raise
         return 0 if sched.empty else sum(n for _, n in sched.prefills) + len(sched.decodes)
 
@@ -253,9 +265,15 @@ class Engine:
         for row, req in enumerate(sampled):
             req.pending += 1
             req.pending_row = row
+        if self.prefix_cache is not None:  # (the device computes them before any later step reads them)
+            for req, _ in sched.prefills:
+                self.prefix_cache.publish(req)
+            for req in sched.decodes:
+                self.prefix_cache.publish(req)
         adapters = {r.adapter_ref for r, _ in sched.prefills} | {r.adapter_ref for r in sched.decodes}
         stats = StepStats(sum(n for _, n in sched.prefills), len(sched.decodes), len(adapters - {None}),
-                          0.0, len(sched.preempted))
+                          0.0, len(sched.preempted),
+                          tuple((r.adapter, looked, found) for r, looked, found in sched.cache_lookups))
         return InFlight(sampled, drawn, stats, started, prompt, constrained)
 
     def grammars(self):
@@ -343,6 +361,7 @@ class Engine:
 
     def _emit(self, req: Request, out: RequestOutput) -> None:
         out.prompt_tokens, out.completion_tokens = len(req.prompt_ids), len(req.output_ids)
+        out.cached_tokens = req.num_cached_tokens
         if req.prompt_logprobs is not None and len(req.prompt_logprobs) == len(req.prompt_ids):
             out.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None  # whole, on the first output
         if req.on_output is not None:
@@ -363,7 +382,7 @@ class Engine:
         step: an out-of-memory shows now, not under load), a short generation on the base
         model and on each adapter in `adapters` in one batch, and last the decode CUDA graphs
         are captured (nothing runs between capture and serving). The structured-output
-        compiler's view of the tokenizer is built too."""
+        compiler's view of the tokenizer is built too. The prefix cache starts empty."""
         if self.has_work():
             raise RuntimeError("warm_up() needs an idle engine")
         started = time.perf_counter()
@@ -378,6 +397,7 @@ class Engine:
         for i, adapter in enumerate([None, *adapters]):
             self.add_request(Request(f"warm-up-{i}", list(range(1, 9)), params, adapter))
         self.run_until_done()
+        self.allocator.clear_cache()  # the warm-up's synthetic prompts are nobody's prefix
         self.grammars().ll_tokenizer  # built now (~1 s at a 128k vocabulary), not on a first structured request
         if self._capture_pending:
             self._capture_graphs()

@@ -50,7 +50,18 @@ class KVCache:
 
 
 class BlockAllocator:
-    """Free list of cache blocks. Block 0 is kept back as a scratch target for padding rows."""
+    """Reference-counted cache blocks, some of them content-addressed (the prefix cache).
+
+    Block 0 is kept back as a scratch target for padding rows. Every other block is in one of
+    three states, told apart by its reference count and key:
+      in use     refs > 0: in the block tables of that many running sequences;
+      cached     refs == 0 with a key: free, but its KV is still good and found by its key,
+                 kept in LRU order (the most recently released last) until `grow` needs it;
+      free       refs == 0, no key.
+    A key is published (`publish`) only for a block whose positions are all computed and
+    never written again (full); `lookup` takes a reference on each block of a chain of keys.
+    Each key carries a tag (the adapter version it was computed under) so that everything of
+    a version that went away can be dropped at once (`drop_tag`)."""
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 2:
@@ -58,10 +69,22 @@ class BlockAllocator:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
+        self._refs = [0] * num_blocks
+        self._key: list[bytes | None] = [None] * num_blocks
+        self._tag: list[object] = [None] * num_blocks
+        self._by_key: dict[bytes, int] = {}
+        self._by_tag: dict[object, set[int]] = {}
+        self._cached: dict[int, None] = {}  # refs == 0 with a key, oldest release first
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks `grow` can hand out: free ones and cached ones no sequence uses."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks with a published key, in use or not."""
+        return len(self._by_key)
 
     @property
     def capacity_tokens(self) -> int:
@@ -72,16 +95,87 @@ class BlockAllocator:
         return max(0, -(-num_tokens // self.block_size) - len(table))
 
     def grow(self, table: list[int], num_tokens: int) -> bool:
-        """Extend `table` to hold `num_tokens` positions; False (and no change) if blocks ran out."""
+        """Extend `table` to hold `num_tokens` positions; False (and no change) if blocks ran out.
+        Free blocks go first, then the least recently released cached ones lose their keys."""
         need = self.blocks_needed(table, num_tokens)
-        if need > len(self._free):
+        if need > self.num_free:
             return False
-        table.extend(self._free.pop() for _ in range(need))
+        for _ in range(need):
+            if self._free:
+                block = self._free.pop()
+            else:
+                block = next(iter(self._cached))
+                del self._cached[block]
+                self._unpublish(block)
+            self._refs[block] = 1
+            table.append(block)
         return True
 
     def free(self, table: list[int]) -> None:
-        self._free.extend(reversed(table))
+        """Drop the table's references. Its last blocks are released first, so that of a cached
+        chain the tail is evicted before the head that other prompts share."""
+        for block in reversed(table):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if self._key[block] is None:
+                    self._free.append(block)
+                else:
+                    self._cached[block] = None
         table.clear()
 
+    def lookup(self, keys: list[bytes]) -> list[int]:
+        """The blocks of the longest leading run of `keys` that is cached, each with a new
+        reference (the caller gives them back with `free`)."""
+        blocks = []
+        for key in keys:
+            block = self._by_key.get(key)
+            if block is None:
+                break
+            if self._refs[block] == 0:
+                del self._cached[block]
+            self._refs[block] += 1
+            blocks.append(block)
+        return blocks
+
+    def publish(self, block: int, key: bytes, tag: object) -> bool:
+        """Make a full, computed in-use block findable by `key`; False when another block holds
+        that key already (two sequences computed the same prefix at once: this one stays private)."""
+        if key in self._by_key or self._key[block] is not None:
+            return False
+        self._key[block], self._tag[block] = key, tag
+        self._by_key[key] = block
+        self._by_tag.setdefault(tag, set()).add(block)
+        return True
+
+    def drop_tag(self, tag: object) -> int:
+        """Unpublish every block computed under `tag`: never found again, and those no sequence
+        uses are free at once. Returns how many blocks lost their key."""
+        blocks = list(self._by_tag.get(tag, ()))
+        for block in blocks:
+            self._unpublish(block)
+            if self._refs[block] == 0:
+                del self._cached[block]
+                self._free.append(block)
+        return len(blocks)
+
+    def num_cached_under(self, tag: object) -> int:
+        """Blocks with a published key computed under `tag`."""
+        return len(self._by_tag.get(tag, ()))
+
+    def clear_cache(self) -> None:
+        """Unpublish everything (after a failed step, whose blocks may hold partial writes)."""
+        for tag in list(self._by_tag):
+            self.drop_tag(tag)
+
+    def _unpublish(self, block: int) -> None:
+        key, tag = self._key[block], self._tag[block]
+        del self._by_key[key]
+        tagged = self._by_tag[tag]
+        tagged.discard(block)
+        if not tagged:
+            del self._by_tag[tag]
+        self._key[block] = self._tag[block] = None
+
     def usage(self) -> float:
+        """Fraction of blocks in use by sequences (cached blocks nobody uses count as free)."""
         return 1.0 - self.num_free / (self.num_blocks - 1)

@@ -37,6 +37,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0               # prompt tokens whose KV came from the prefix cache
     error: str | None = None
     queue_seconds: float | None = None   # on the finished output: arrival -> first admission (None: never ran)
     stop_reason: int | str | None = None  # on a STOP output: the stop token id or stop string that ended it (None: EOS)
@@ -63,6 +64,10 @@ class Request:
     pending: int = 0                     # sampled tokens still on the device (async scheduling: 0-2)
     pending_row: int = -1                # the latest one's row in its step's draw
     block_table: list[int] = field(default_factory=list)
+    cache_version: int = 0               # prefix cache: the adapter version its KV is computed under
+    block_keys: list[bytes] = field(default_factory=list)  # prefix cache keys of its full blocks so far
+    num_published: int = 0               # leading blocks of block_table findable in the prefix cache
+    num_cached_tokens: int = 0           # prompt tokens reused from the prefix cache at first admission
     lora_slot: int = -1                  # GPU adapter slot while scheduled, -1 = base model
     adapter_ref: Any = None              # the adapter provider's handle (held until finished)
     generator: torch.Generator | None = None

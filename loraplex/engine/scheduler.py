@@ -5,7 +5,9 @@ Each step is one flat batch: one decode token for every running sequence, then p
 its whole current length are free and its adapter sits in a GPU slot; a request whose
 adapter is still paging in waits without holding up the requests behind it. When decoding
 sequences run out of blocks, the most recently admitted ones are preempted (their blocks
-freed, recomputed later from their tokens) rather than failing anything.
+freed, recomputed later from their tokens) rather than failing anything. With a prefix
+cache, an admitted request starts from the longest prefix of its tokens already in the cache
+and prefills only the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 
 from .adapters import AdapterProvider
 from .kv_cache import BlockAllocator
+from .prefix_cache import PrefixCache
 from .request import Request, Status
 
 
@@ -38,6 +41,8 @@ class ScheduledStep:
     prefills: list[tuple[Request, int]] = field(default_factory=list)  # (request, prompt tokens this step)
     decodes: list[Request] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    cache_lookups: list[tuple[Request, int, int]] = field(default_factory=list)  # admitted: (request,
+                                                   # tokens looked up in the prefix cache, tokens found)
 
     @property
     def empty(self) -> bool:
@@ -45,10 +50,12 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, adapters: AdapterProvider | None):
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, adapters: AdapterProvider | None,
+                 prefix_cache: PrefixCache | None = None):
         self.config = config
         self.allocator = allocator
         self.adapters = adapters
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order; preemption takes from the end
 
@@ -76,7 +83,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self._release_resources(req)
-        req.num_computed = 0
+        req.num_computed = req.num_published = 0
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -122,8 +129,12 @@ class Scheduler:
                 if slot is None:  # not in a GPU slot yet: let the requests behind it go first
                     paging_in.append(self.waiting.popleft())
                     continue
+            looked_up = self.prefix_cache.match(req) if self.prefix_cache is not None else None
+            cached = looked_up or 0
             need = self.allocator.blocks_needed(req.block_table, req.num_tokens)
             if need > self.allocator.num_free - reserve:
+                if cached:
+                    self.prefix_cache.unmatch(req)
                 if req.adapter_ref is not None:
                     self.adapters.deactivate(req.adapter_ref)
                 break
@@ -132,6 +143,9 @@ class Scheduler:
             req.status, req.lora_slot = Status.RUNNING, slot
             if req.first_scheduled is None:
                 req.first_scheduled = time.monotonic()
+                req.num_cached_tokens = cached
+            if looked_up is not None:
+                step.cache_lookups.append((req, req.num_tokens, cached))
             self.running.append(req)
             chunk = min(req.num_uncomputed, budget)
             step.prefills.append((req, chunk))

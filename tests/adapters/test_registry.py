@@ -253,6 +253,47 @@ def test_replace_swaps_for_new_requests_while_old_ones_finish_on_old_weights(wor
     assert registry.usage()["draining"] == 0
 
 
+def test_the_prefix_cache_never_serves_a_replaced_or_unloaded_adapter(world):
+    """Blocks are shared per adapter version: a repeat on the same version hits, a replaced
+    adapter's requests (even mid-flight on the old weights) never see the other version's
+    blocks, and a version's blocks are dropped once it is gone, forced unloads included."""
+    _, served, oracle, adapters = world
+    registry = AdapterRegistry(served.model, spec_of(served), RegistryConfig(gpu_slots=2, host_slots=3, max_rank=16))
+    engine = Engine(served.model, served.tokenizer, registry,
+                    EngineConfig(kv_cache_tokens=512, max_num_seqs=8, max_num_batched_tokens=64, block_size=4))
+    prompt = PROMPT * 3 + [1]  # 4 full blocks, then the token whose logits are sampled
+    registry.register("x", adapters["all"])
+    first = submit(engine, "first", "x", prompt)
+    run(engine)
+    old_version = first.cache_version
+    assert engine.allocator.num_cached_under(old_version) >= 4
+    again = submit(engine, "again", "x", prompt, n=10)
+    engine.step()
+    assert again.num_cached_tokens == 16
+    registry.register("x", adapters["attn"], replace=True)  # `again` finishes on the old weights
+    new = submit(engine, "new", "x", prompt)
+    run(engine)
+    assert new.cache_version != old_version and new.num_cached_tokens == 0
+    assert tokens(first) == expected(oracle, adapters["all"], prompt)
+    assert tokens(again) == expected(oracle, adapters["all"], prompt, n=10)
+    assert tokens(new) == expected(oracle, adapters["attn"], prompt)
+    engine.step()  # the old version went with its last request: the next step drops its blocks
+    assert engine.allocator.num_cached_under(old_version) == 0 and engine.allocator.num_cached_under(new.cache_version)
+
+    registry.register("y", adapters["r0"])
+    doomed = submit(engine, "doomed", "y", prompt, n=30)
+    for _ in range(3):
+        engine.step()
+    assert engine.allocator.num_cached_under(doomed.cache_version) >= 4
+    registry.unload("y", force=True)
+    run(engine)
+    engine.step()
+    assert finish(doomed) is FinishReason.ABORT
+    assert engine.allocator.num_cached_under(doomed.cache_version) == 0
+    assert engine.allocator.num_free == engine.allocator.num_blocks - 1
+    registry.close()
+
+
 def test_pinned_adapters_stay_on_the_gpu(world):
     _, _, oracle, adapters = world
     registry, engine = make(world, gpu_slots=2)

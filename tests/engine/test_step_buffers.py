@@ -59,7 +59,8 @@ def make_engine(loaded, block_size: int = 16) -> Engine:
     adapters = StaticAdapters(model, {"a": random_adapter(model, 1), "b": random_adapter(model, 2, rank=8)}, max_rank=8)
     engine = Engine(model, loaded.tokenizer, adapters,
                     EngineConfig(kv_cache_tokens=512, max_num_seqs=MAX_SEQS, max_num_batched_tokens=MAX_TOKENS,
-                                 block_size=block_size))
+                                 block_size=block_size,
+                                 enable_prefix_caching=False))  # steps as large as their prompts
     engine.runner.graphs = DecodeGraphs(model, MAX_SEQS, engine.limits.max_blocks)  # the graphs' path, eagerly
     return engine
 
