@@ -45,7 +45,8 @@ def exported_families() -> dict:
     for kind, seconds in (("load_host", 0.05), ("load_gpu", 0.001), ("evict_gpu", None), ("evict_host", None),
                           ("load_failed", None)):
         m.on_adapter_event(kind, "sql", seconds)
-    m.observe_step(SimpleNamespace(prefill_tokens=12, decode_tokens=3, adapters=2, seconds=0.01, preempted=1))
+    m.observe_step(SimpleNamespace(prefill_tokens=12, decode_tokens=3, adapters=2, seconds=0.01, preempted=1,
+                                   cache_lookups=((None, 32, 16), ("sql", 20, 0))))
     return {f.name: f for f in text_string_to_metric_families(m.render()[0].decode())}
 
 

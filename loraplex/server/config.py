@@ -64,7 +64,7 @@ class ServerConfig:
     generation_config: str = "auto"              # auto (the model's generation_config.json), vllm (none) or a dir
     override_generation_config: dict = field(default_factory=dict)  # over the file's values (vLLM's names)
     runtime_lora_updating: bool | None = None    # VLLM_ALLOW_RUNTIME_LORA_UPDATING: None = unset
-    enable_prefix_caching: bool = False          # accepted, not implemented yet (same outputs)
+    enable_prefix_caching: bool = True           # reuse the KV blocks of prompt prefixes (per adapter version)
     api_keys: list[str] = field(default_factory=list)
     admin_key: str | None = None
     metrics_key: str | None = None               # None = /metrics is open (it names every adapter)
@@ -151,6 +151,18 @@ def _var(name: str) -> str:
 def _env(name: str) -> str | None:
     value = os.environ.get(_var(name))
     return value or None  # set but empty (e.g. passed through by compose) = not set
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    """A boolean variable: 1/true/yes or 0/false/no (anything else is an error); unset = `default`."""
+    value = _env(name)
+    if value is None:
+        return default
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(f"{_var(name)} must be 1, true, yes, 0, false or no, got {value!r}")
 
 
 def _adapter_pair(text: str) -> tuple[str, str]:
@@ -276,10 +288,6 @@ VLLM_FLAGS = [
      lambda v: None if not v else ("warn", "--enable-log-requests is ignored: loraplex does not log requests")),
     (("--disable-log-stats",), dict(action="store_true", default=None), "accepted: no periodic stats log (see "
                                                                         "/metrics)", _quiet),
-    (("--enable-prefix-caching",), dict(action=argparse.BooleanOptionalAction, default=None),
-     "accepted: prefix caching is not implemented yet (same outputs, prompts are prefilled in full)",
-     lambda v: None if not v else ("warn", "--enable-prefix-caching: prefix caching is not implemented yet; "
-                                           "every prompt is prefilled in full (same outputs)")),
     (("--enable-chunked-prefill",), dict(action=argparse.BooleanOptionalAction, default=None),
      "accepted: long prompts are always prefilled in chunks (--max-num-batched-tokens)",
      lambda v: None if v else ("warn", "--no-enable-chunked-prefill is ignored: long prompts are always "
@@ -406,6 +414,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                              "auto = on for CUDA, off on CPU (where it only adds a step of latency); a "
                              "bare --async-scheduling means on", default=d.async_scheduling,
          choices=["auto", "on", "off"], nargs="?", const="on")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=_env_bool("enable-prefix-caching", d.enable_prefix_caching),
+                   help="reuse the KV cache blocks of prompt prefixes already computed (system prompts, few-shot "
+                        "headers, earlier chat turns): only between requests on the same adapter version, or "
+                        "between base-model requests; the same outputs, less prefill. On by default, as in vLLM "
+                        f"[env {_var('enable-prefix-caching')}=1|0; default on]")
     switch("engine-in-process", "run the engine on a thread of the API server's process instead of its own "
                                 "process (they then share one GIL: slower serving; for debugging)")
     flag("max-gpu-adapters", "adapters resident on the GPU at once (pre-allocated slots)", type=int,
@@ -588,7 +602,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         generation_config=args.generation_config,
         override_generation_config=args.override_generation_config or {},
         runtime_lora_updating=runtime_updating,
-        enable_prefix_caching=bool(args.vllm_enable_prefix_caching),
+        enable_prefix_caching=args.enable_prefix_caching,
         api_keys=api_keys, admin_key=args.admin_key, metrics_key=args.metrics_key,
         allow_unauthenticated_admin=args.allow_unauthenticated_admin, cors_origins=cors,
         max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,

@@ -70,15 +70,16 @@ def receive(conn: Connection):
 def pack(out: RequestOutput) -> tuple:
     return (out.request_id, out.token_ids, out.text, out.logprobs, out.finished,
             None if out.finish_reason is None else out.finish_reason.value, out.prompt_tokens,
-            out.completion_tokens, out.error, out.queue_seconds, out.stop_reason, out.prompt_logprobs)
+            out.completion_tokens, out.error, out.queue_seconds, out.stop_reason, out.prompt_logprobs,
+            out.cached_tokens)
 
 
 def unpack(t: tuple) -> RequestOutput:
     (request_id, token_ids, text, logprobs, finished, reason, prompt_tokens, completion_tokens, error,
-     queue_seconds, stop_reason, prompt_logprobs) = t
+     queue_seconds, stop_reason, prompt_logprobs, cached_tokens) = t
     return RequestOutput(request_id, token_ids, text, logprobs, finished,
                          None if reason is None else FinishReason(reason), prompt_tokens, completion_tokens,
-                         error, queue_seconds, stop_reason, prompt_logprobs)
+                         cached_tokens, error, queue_seconds, stop_reason, prompt_logprobs)
 
 
 def portable(exc: BaseException) -> BaseException:

@@ -26,6 +26,9 @@ Counters
     loraplex_model_requests_total{model}        finished requests per base model / adapter name
     loraplex_model_generation_tokens_total{model}
     loraplex_preemptions_total                  sequences preempted for KV cache space
+    loraplex_prefix_cache_queries_total{model}  prompt tokens looked up in the prefix cache at admission,
+                                                per base model / adapter name
+    loraplex_prefix_cache_hits_total{model}     of those, tokens whose KV blocks were found and reused
 Read from `Snapshot` at scrape time
     loraplex_requests_running, loraplex_requests_waiting, loraplex_kv_cache_usage_ratio (0..1),
     loraplex_adapters{tier="gpu"|"host"|"disk"}, loraplex_gpu_adapter_slots,
@@ -41,6 +44,9 @@ use and LoRA affinity routing); same values as above
     of the scrape; the adapter labels are comma-joined names (one series, always the latest):
     "running" = adapters in GPU slots, ready at once (the extension's protocol), "waiting" =
     adapters with requests waiting for a slot.
+    vllm:prefix_cache_queries_total{model_name}, vllm:prefix_cache_hits_total{model_name}: the
+    prefix cache's queried and hit tokens over every model, as vLLM counts them (hit rate =
+    hits / queries)
 
 Per-adapter series (the `model` label) are dropped by `forget_adapter` when an adapter is
 unloaded, so label cardinality follows the registered adapters.
@@ -233,6 +239,14 @@ class ServerMetrics:
         self.model_generation_tokens = counter("loraplex_model_generation_tokens_total", "Generated tokens per "
                                                "model name (base model or adapter).", ["model"])
         self.preemptions = counter("loraplex_preemptions_total", "Sequences preempted to free KV cache blocks.")
+        self.cache_queries = counter("loraplex_prefix_cache_queries_total", "Prompt tokens looked up in the "
+                                     "prefix cache when a request was admitted, per model name.", ["model"])
+        self.cache_hits = counter("loraplex_prefix_cache_hits_total", "Prompt tokens whose KV blocks were found "
+                                  "in the prefix cache and reused, per model name.", ["model"])
+        self.vllm_cache_queries = counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of the "
+                                          "number of queried tokens.", ["model_name"])
+        self.vllm_cache_hits = counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of the number of "
+                                       "cached tokens.", ["model_name"])
 
         # Series that exist from the start, so rate() and dashboards show 0 rather than nothing.
         for reason in FINISH_REASONS:
@@ -300,10 +314,16 @@ class ServerMetrics:
             self.step_tokens.labels("decode").inc(stats.decode_tokens)
         if stats.preempted:
             self.preemptions.inc(stats.preempted)
+        for adapter, queried, hit in stats.cache_lookups:
+            model = _label(self.model_name if adapter is None else adapter)
+            self.cache_queries.labels(model).inc(queried)
+            self.cache_hits.labels(model).inc(hit)
+            self.vllm_cache_queries.labels(_label(self.model_name)).inc(queried)
+            self.vllm_cache_hits.labels(_label(self.model_name)).inc(hit)
 
     def forget_adapter(self, name: str) -> None:
         """Drop the per-adapter series of `name` (it was unloaded); absent series are fine."""
-        for metric in (self.model_requests, self.model_generation_tokens):
+        for metric in (self.model_requests, self.model_generation_tokens, self.cache_queries, self.cache_hits):
             try:
                 metric.remove(_label(name))
             except KeyError:

@@ -187,6 +187,7 @@ class Job:
     text: list[str] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     tokens: int = 0
+    cached_tokens: int = 0             # prompt tokens the prefix cache held
     finish: FinishReason | None = None
     stop_reason: int | str | None = None
     prompt_logprobs: list | None = None  # from the first output, when asked for
@@ -217,7 +218,7 @@ async def run_jobs(state: ServerState, jobs: list[Job], adapter: str | None, mod
                     elif job.last_token is not None:
                         metrics.observe_token_gap(now - job.last_token)
                     job.last_token = now
-                job.tokens = out.completion_tokens
+                job.tokens, job.cached_tokens = out.completion_tokens, out.cached_tokens
                 if out.prompt_logprobs is not None:
                     job.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
@@ -269,10 +270,15 @@ def finish_reason(job: Job) -> str:
 
 
 def usage(jobs: list[Job], prompts: list[list[int]]) -> dict:
+    """OpenAI's usage object. Each prompt counts once whatever `n` is: its cached tokens are
+    those of its first choice (the later ones may have found the first one's blocks)."""
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(j.tokens for j in jobs)
+    n = len(jobs) // len(prompts)
+    cached = sum(j.cached_tokens for j in jobs if j.index % n == 0)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def complete(state: ServerState, jobs: list[Job], adapter: str | None, model: str, arrival: float,

@@ -243,10 +243,15 @@ class UnloadLoraAdapter(_Body):     # vLLM's /v1/unload_lora_adapter
 # -- responses (documented in /openapi.json; the routes build them as plain dicts) --------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV the prefix cache already held
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionChoice(BaseModel):

@@ -78,7 +78,7 @@ def build_engine(config: ServerConfig, on_adapter_event=None):
     engine = Engine(loaded.model, loaded.tokenizer, registry,
                     EngineConfig(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
                                  kv_cache_tokens=c.kv_cache_tokens, memory_fraction=c.gpu_memory_fraction,
-                                 max_model_len=c.max_model_len,
+                                 max_model_len=c.max_model_len, enable_prefix_caching=c.enable_prefix_caching,
                                  async_scheduling={"auto": None, "on": True, "off": False}[
                                      c.async_scheduling],
                                  **({"cuda_graph_max_batch": 0} if c.enforce_eager else {})),

@@ -30,9 +30,9 @@ def bucket(families: dict, family: str, le: str, **labels) -> float:
     return value(families, family, family + "_bucket", le=le, **labels)
 
 
-def step(prefill=0, decode=0, adapters=0, seconds=0.01, preempted=0):
+def step(prefill=0, decode=0, adapters=0, seconds=0.01, preempted=0, cache_lookups=()):
     return SimpleNamespace(prefill_tokens=prefill, decode_tokens=decode, adapters=adapters, seconds=seconds,
-                           preempted=preempted)
+                           preempted=preempted, cache_lookups=cache_lookups)
 
 
 @pytest.fixture
@@ -143,6 +143,23 @@ def test_engine_steps(metrics):
     assert value(f, "loraplex_preemptions", "loraplex_preemptions_total") == 3
     st = "loraplex_step_tokens"
     assert value(f, st, st + "_total", phase="prefill") == 528 and value(f, st, st + "_total", phase="decode") == 112
+
+
+def test_prefix_cache_queries_and_hits_per_model_and_in_vllm_names(metrics):
+    metrics.observe_step(step(prefill=40, cache_lookups=((None, 1024, 992), ("sql", 1030, 0))))
+    metrics.observe_step(step(prefill=8, cache_lookups=(("sql", 1040, 1024),)))
+    metrics.forget_adapter("chat")  # never seen: nothing to drop
+    f = scrape(metrics)
+    q, h = "loraplex_prefix_cache_queries", "loraplex_prefix_cache_hits"
+    assert value(f, q, q + "_total", model="llama-base") == 1024 and value(f, h, h + "_total", model="llama-base") == 992
+    assert value(f, q, q + "_total", model="sql") == 2070 and value(f, h, h + "_total", model="sql") == 1024
+    vq, vh = "vllm:prefix_cache_queries", "vllm:prefix_cache_hits"
+    assert value(f, vq, vq + "_total", model_name="llama-base") == 3094
+    assert value(f, vh, vh + "_total", model_name="llama-base") == 2016
+    metrics.forget_adapter("sql")
+    f = scrape(metrics)
+    assert {s.labels["model"] for s in f[q].samples} == {"llama-base"}
+    assert value(f, vq, vq + "_total", model_name="llama-base") == 3094  # the totals keep what it did
 
 
 def test_snapshot_gauges_and_vllm_names(metrics):

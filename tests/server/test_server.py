@@ -329,6 +329,30 @@ def test_client_disconnect_mid_stream_frees_the_request(server):
 # -- metrics -------------------------------------------------------------------------------------
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens_in_usage_and_metrics(server):
+    def hits(model):
+        text = httpx.get(server["url"] + "/metrics").text
+        samples = {(s.name, tuple(s.labels.items())): s.value for f in text_string_to_metric_families(text)
+                   for s in f.samples}
+        return (samples.get(("loraplex_prefix_cache_hits_total", (("model", model),)), 0),
+                samples.get(("vllm:prefix_cache_hits_total", (("model_name", "tiny"),)), 0))
+
+    prompt = [(7 * i) % 250 + 3 for i in range(40)]  # 2 full KV blocks of 16, then 8 tokens
+    for model in ("tiny", "all"):
+        before = hits(model)
+        first = complete(server, model, prompt)
+        again = complete(server, model, prompt)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        assert again.usage.prompt_tokens_details.cached_tokens == 32
+        assert again.choices[0].text == first.choices[0].text
+        after = hits(model)
+        assert after[0] - before[0] == 32 and after[1] - before[1] == 32
+    stream = client(server).completions.create(model="all", prompt=prompt, max_tokens=4, temperature=0, stream=True,
+                                               stream_options={"include_usage": True})
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert [u.prompt_tokens_details.cached_tokens for u in usage] == [32]
+
+
 def test_metrics_scrape_parses_and_counts(server):
     complete(server, "all")
     text = httpx.get(server["url"] + "/metrics").text

@@ -391,13 +391,14 @@ def test_harmless_vllm_flags_are_accepted_and_warned_about():
                   "--response-role", "assistant", "--max-logprobs", "20", "--api-server-count", "1",
                   "--tokenizer", "m")
     assert quiet.notes == []
+    assert not quiet.enable_prefix_caching and parse("m").enable_prefix_caching  # ours, on by default
     warned = parse("m", "--trust-remote-code", "--download-dir", "/d", "--seed", "0", "--enable-prefix-caching",
                    "--lora-dtype", "bfloat16", "--compilation-config", '{"mode": 3}', "--api-server-count", "8",
                    "--disable-fastapi-docs", "--max-logprobs", "128", "--no-enable-chunked-prefill",
                    "--enable-expert-parallel", "--data-parallel-address", "10.0.0.1", "-O3")
     assert warned.enable_prefix_caching
     text = " ".join(warned.notes)
-    for flag in ("--trust-remote-code", "--download-dir", "--seed", "--enable-prefix-caching", "--lora-dtype",
+    for flag in ("--trust-remote-code", "--download-dir", "--seed", "--lora-dtype",
                  "--compilation-config", "--api-server-count", "--disable-fastapi-docs", "--max-logprobs",
                  "--no-enable-chunked-prefill", "--enable-expert-parallel", "--data-parallel-address"):
         assert flag in text, flag
