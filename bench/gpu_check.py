@@ -21,11 +21,18 @@ its output in a log, going on past a stage that fails or runs out of time:
   5 lora         bench/lora.py at its target points: T = 1, 64, 1024 x 1 and 64 distinct rank-16
                  adapters (uniform; target a is T = 64 x 64), the NF4 side by side (b, eager and
                  CUDA graph); (c) over these points only; --no-tune (plans from stage 4)
-  6 e2e          bench/e2e.py reduced: 7B-shaped random NF4 model, 64 streams, 128 + 128 tokens,
+  6 attention    bench/attention.py at its defaults: paged prefill attention, a 2,048-token chunk
+                 at contexts 4k, 32k, 128k (Llama-3.1-8B heads: 32 / 8 kv, D 128, bf16, block 16),
+                 ours against gather + SDPA (and flash-attn where importable): time, TB/s, TFLOP/s
+  7 e2e          bench/e2e.py reduced: 7B-shaped random NF4 model, 64 streams, 128 + 128 tokens,
                  1 and 64 distinct rank-16 adapters (uniform) and the base model, batch-1 decode,
                  the byte floor beside each, the transformers + PEFT + bitsandbytes baseline at 6
                  new tokens; its own shapes tuned at --tune-ms (kernels compiled in stage 4)
-  7 hotswap      bench/hotswap.py short: 60 steps per phase in 2 blocks, 8 churn files
+  8 prefix       bench/prefix_cache.py --device cuda --max-tokens 16: the same 7B-shaped model,
+                 a shared 1,000-token system prompt over 64 streams on 8 adapters, cold and warm
+                 arrivals, prefix cache off and on: TTFT and throughput on / off, hit rate, the
+                 same greedy tokens with and without the cache (after stage 7: kernels compiled)
+  9 hotswap      bench/hotswap.py short: 60 steps per phase in 2 blocks, 8 churn files
 
 A stage is PASS when its command exits 0 (the benchmarks abort on a wrong result; their
 performance targets are key figures, "targets 3/7 met", not the status), FAIL otherwise,
@@ -36,10 +43,10 @@ each stage's figures and targets), summary.json, logs.txt (every stage's log), r
 rewritten after every stage, so a call cut short still brings back what ran.
 
 Exit status 0 when every stage passed, 1 otherwise. `--dry-run` (CPU, CI): the same plumbing
-on whatever device there is: stages 1-4 for real (pytest -m gpu skips everything without
-CUDA, stage 3 on a tiny model with the PyTorch references, stage 4 --smoke), stage 5 forced
-to fail and stage 7 forced past a 2 s cap, stage 6 skipped (its --smoke runs in
-tests/test_bench_smoke.py); exits 0 when every stage ended as planned.
+on whatever device there is: stages 1-4, 6 and 8 for real (pytest -m gpu skips everything
+without CUDA, stage 3 on a tiny model with the PyTorch references, stages 4, 6 and 8
+--smoke), stage 5 forced to fail and stage 9 forced past a 2 s cap, stage 7 skipped (its
+--smoke runs in tests/test_bench_smoke.py); exits 0 when every stage ended as planned.
 
 Run:
     bash scripts/gpu_wheels.sh                  # on this machine: the wheels into .whl/
@@ -93,14 +100,19 @@ class Stage:
     dry_cap: float   # seconds in --dry-run (2-core CPU)
 
 
+# Caps are estimates (no stage has been timed on a GPU yet), rebalanced for nine stages within
+# BUDGET_S - RESERVE_S = 530 s: the seven older stages lost 5-15 s each (env, whose pip install
+# and probe are short, and hotswap the most), attention and prefix got lean caps.
 STAGES = (
-    Stage("env", "device, versions, copy bandwidth", 45, 60),
-    Stage("pytest", "pytest -m gpu", 90, 120),
-    Stage("correctness", "loraplex vs transformers + PEFT", 100, 120),
-    Stage("nf4", "bench/nf4_matmul.py", 95, 120),
-    Stage("lora", "bench/lora.py", 45, 60),
-    Stage("e2e", "bench/e2e.py", 95, 120),
-    Stage("hotswap", "bench/hotswap.py", 55, 60),
+    Stage("env", "device, versions, copy bandwidth", 30, 60),
+    Stage("pytest", "pytest -m gpu", 85, 120),
+    Stage("correctness", "loraplex vs transformers + PEFT", 90, 120),
+    Stage("nf4", "bench/nf4_matmul.py", 85, 120),
+    Stage("lora", "bench/lora.py", 40, 60),
+    Stage("attention", "bench/attention.py", 30, 60),
+    Stage("e2e", "bench/e2e.py", 85, 120),
+    Stage("prefix", "bench/prefix_cache.py", 45, 60),
+    Stage("hotswap", "bench/hotswap.py", 40, 60),
 )
 DRY_FORCED = {"lora": "fail", "hotswap": "timeout"}
 DRY_SKIPPED = {"e2e": "dry run: its --smoke runs in tests/test_bench_smoke.py"}
@@ -219,6 +231,12 @@ def stage_command(key: str, ctx: Context) -> list[str]:
             return [py, "bench/lora.py", "--smoke", "--json", out]
         return [py, "bench/lora.py", "--ts", "1,64,1024", "--distinct", "1,64", "--ranks", "16", "--assign", "uniform",
                 "--no-tune", "--json", out]
+    if key == "attention":
+        return [py, "bench/attention.py", *(["--smoke"] if dry else []), "--json", out]
+    if key == "prefix":
+        if dry:
+            return [py, "bench/prefix_cache.py", "--smoke", "--out", out]
+        return [py, "bench/prefix_cache.py", "--device", "cuda", "--max-tokens", "16", "--out", out]
     if key == "e2e":
         if dry:
             return [py, "bench/e2e.py", "--smoke", "--out", out]
@@ -283,6 +301,52 @@ def pytest_counts(xml: Path) -> dict | None:
     return counts
 
 
+def context_label(tokens: int) -> str:
+    return f"{tokens // 1024}k" if tokens and tokens % 1024 == 0 else str(tokens)
+
+
+def attention_figures(report: dict) -> tuple[str, list[str]]:
+    """Ours' time over gather + SDPA's per context (< 1: ours faster), ours' effective TB/s."""
+    rows = report["rows"]
+    ours = [row for row in rows if row["method"] == "ours"]
+    gather = {row["context"]: row for row in rows if row["method"] == "gather+SDPA"}
+    ratios = []
+    for row in ours:
+        g = gather.get(row["context"], {})
+        ratios.append(f"{context_label(row['context'])} "
+                      + (g["error"] if g.get("error") else fmt(g.get("ours_over_this"), ".2f")))
+    measured = [row for row in ours if row["us"] is not None]
+    speed = ("ours " + ", ".join(bandwidth(row["gb_s"] * 1e9) for row in measured) + " ("
+             + ", ".join(f"{row['tflop_s']:.0f}" for row in measured) + " TFLOP/s)"
+             if measured else "ours not timed (no GPU)")
+    errs = [row["rel_err"] for row in rows if row["rel_err"] is not None]
+    line = (f"ours/gather+SDPA time {', '.join(ratios)}; {speed}; max rel err {fmt(max(errs, default=None), '.2g')}"
+            + ("" if report.get("flash_mode") else "; no flash-attn"))
+    details = [f"context {row['context']} chunk {row['chunk']} {row['method']}: "
+               + (row["error"] or f"{fmt(row['us'], '.1f')} us, {fmt(row['gb_s'], '.0f')} GB/s, "
+                  f"{fmt(row['tflop_s'], '.1f')} TFLOP/s, ours/this {fmt(row.get('ours_over_this'), '.2f')}, "
+                  f"rel err {fmt(row['rel_err'], '.2g')}") for row in rows]
+    if report.get("flash_missing"):
+        details.append(f"flash-attn: not run ({report['flash_missing']})")
+    return line, details
+
+
+def prefix_figures(report: dict) -> tuple[str, list[str]]:
+    """TTFT and throughput with the cache on over off, per arrival pattern; hit rates; outputs."""
+    rat, runs, outs = report["ratios"], report["runs"], report["outputs"]
+    modes = list(rat)
+    hit = [runs.get(f"{m}_on", {}).get("hit_rate") for m in modes]
+    line = (f"on/off {'/'.join(modes)}: TTFT mean "
+            + ", ".join(fmt(rat[m]["ttft_mean_ms"], ".2f") for m in modes)
+            + ", p99 " + ", ".join(fmt(rat[m]["ttft_p99_ms"], ".2f") for m in modes)
+            + ", tok/s " + ", ".join(fmt(rat[m]["tok_s"], ".2f") for m in modes)
+            + "; hit rate " + ", ".join(fmt(h and 100 * h, ".0f") + "%" for h in hit)
+            + f"; outputs {outs['identical']}/{outs['streams']} identical"
+            + (f", {len(outs['ties'])} near-ties" if outs["ties"] else "")
+            + (f", {len(outs['mismatches'])} MISMATCHED" if outs["mismatches"] else ""))
+    return line, list(report.get("lines", []))
+
+
 def figures(r: Result, ctx: Context) -> None:
     """Fill r.figures (one line) and r.details from what the stage wrote."""
     report = load_json(ctx.json_path(r.key))
@@ -338,6 +402,10 @@ def figures(r: Result, ctx: Context) -> None:
             f"floor {x['floor_ms']:.2f} ms" for x in report["ours"]["runs"]]
         if "skipped" in report["baseline"] or "error" in report["baseline"]:
             r.details.append(f"baseline: {report['baseline'].get('skipped') or report['baseline'].get('error')}")
+    elif r.key == "attention" and report:
+        r.figures, r.details = attention_figures(report)
+    elif r.key == "prefix" and report:
+        r.figures, r.details = prefix_figures(report)
     elif r.key == "hotswap" and report:
         s = report["summary"]
         r.figures = (f"{targets_met(report)}; ITL p99 churn/steady {fmt(s['itl_p99_ratio'], '.2f')}, load p99 "
@@ -496,7 +564,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--budget", type=float, default=BUDGET_S, help=f"seconds for everything (default {BUDGET_S:.0f})")
     p.add_argument("--plans", type=Path, help="a previous run's nf4_plans.json: seeds the plan cache")
     p.add_argument("--tune-ms", default="1",
-                   help="M buckets to tune in stages 4 and 6 (default 1; e.g. 16,64 on a call with --plans; "
+                   help="M buckets to tune in stages 4 and 7 (default 1; e.g. 16,64 on a call with --plans; "
                         "'none' = --no-tune); buckets already in the plans cost nothing")
     p.add_argument("--only", default=",".join(keys), help=f"stages to run, of {','.join(keys)}")
     p.add_argument("--skip", default="", help="stages not to run")

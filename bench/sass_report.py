@@ -1,4 +1,4 @@
-"""Static report on the NF4, LoRA, attention and fused kernels as compiled for Hopper (sm_90), no GPU needed.
+"""Static report on the NF4, LoRA, attention (decode and prefill) and fused kernels as compiled for Hopper (sm_90), no GPU needed.
 
 Compiles each kernel ahead of time with Triton for `cuda:90`, disassembles the cubin with
 the `cuobjdump` bundled with Triton, and prints per plan: registers, spills, shared memory,
@@ -36,6 +36,7 @@ from loraplex.kernels import attention as attn  # noqa: E402
 from loraplex.kernels import fused  # noqa: E402
 from loraplex.kernels import lora  # noqa: E402
 from loraplex.kernels import nf4_matmul as mm  # noqa: E402
+from loraplex.kernels import prefill_attention as prefill  # noqa: E402
 from loraplex.kernels import runtime  # noqa: E402
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -102,6 +103,43 @@ def compile_attention(plan: mm.Plan):
     # pointers and the strides that are multiples of 16 (Triton specializes on that at launch)
     strides = ("stride_qb", "stride_qh", "stride_pos")
     aligned = [n for n in signature if signature[n].startswith("*") or n in strides]
+    attrs = {(params.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
+
+
+PREFILL_SIGNATURE = {
+    "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "cu_seqlens_ptr": "*i32", "context_lens_ptr": "*i32",
+    "block_tables_ptr": "*i32", "out_ptr": "*bf16", "scale_log2": "fp32", "num_chunks": "i32",
+    "search_steps": "i32", "stride_qt": "i32", "stride_qh": "i32", "stride_ot": "i32", "stride_oh": "i32",
+    "stride_bt": "i32", "stride_pos": "i32",
+}
+# multiples of 16 for Llama-7B/8B (q rows of Hq * D or the fused qkv width, heads of D = 128,
+# stride_pos = Hkv * D); num_chunks, search_steps and stride_bt are never specialized
+PREFILL_ALIGNED = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_pos")
+
+
+def prefill_plan(group: int) -> mm.Plan:
+    """The prefill kernel as `paged_prefill_attention` launches it for D = 128, block size 16:
+    plan.block_m is the query-head group G, block_k the tile's query positions (BLOCK_M),
+    block_n its key positions (BLOCK_N)."""
+    block_m, block_n = prefill.prefill_tiles(group, ATTENTION_D)
+    rows = max(16, block_m * prefill._pow2(group))
+    return mm.Plan("prefill_attention", block_m=group, block_n=block_n, block_k=block_m,
+                   num_warps=prefill.prefill_warps(rows, ATTENTION_D), num_stages=prefill.NUM_STAGES)
+
+
+def compile_prefill(plan: mm.Plan):
+    """Compile the paged prefill attention kernel for sm_90 (bf16, D = 128, block size 16)."""
+    kernel, group, block_m = prefill._paged_prefill_kernel, plan.block_m, plan.block_k
+    g_pad = prefill._pow2(group)
+    constexprs = dict(G=group, G_PAD=g_pad, BLOCK_M=block_m, ROWS=max(16, block_m * g_pad), BLOCK_N=plan.block_n,
+                      BLOCK_SIZE=16, D=ATTENTION_D, DOT_FP32=False)
+    params = kernel.arg_names
+    signature = {name: PREFILL_SIGNATURE[name] for name in params if name not in constexprs}
+    signature.update({name: "constexpr" for name in constexprs})
+    aligned = [n for n in signature if signature[n].startswith("*") or n in PREFILL_ALIGNED]
     attrs = {(params.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -185,8 +223,10 @@ def compile_plan(plan: mm.Plan):
                           options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
 
 
-def innermost_loop(sass: list[str]) -> list[str]:
-    """Instructions of the shortest backward-branch loop body (the K loop)."""
+def innermost_loop(sass: list[str], needs: tuple[str, ...] = ()) -> list[str]:
+    """Instructions of the shortest backward-branch loop body (the K loop); with `needs`, of
+    the shortest that contains one of these opcodes (the prefill kernel's KV loop, not its
+    binary search over the chunks)."""
     addr = {}
     for i, line in enumerate(sass):
         if m := re.match(r"\s*/\*([0-9a-f]{4,})\*/", line):
@@ -199,6 +239,8 @@ def innermost_loop(sass: list[str]) -> list[str]:
             here = re.match(r"\s*/\*([0-9a-f]+)\*/", line)
             if here and target < int(here.group(1), 16) and target in addr:
                 body = sass[addr[target]: i + 1]
+                if needs and not any(re.search(rf"\b{op}\b", x) for x in body for op in needs):
+                    continue
                 if not best or len(body) < len(best):
                     best = body
     return best
@@ -227,6 +269,8 @@ def report(plan: mm.Plan, dump: Path | None) -> dict:
         compiled = compile_lora(plan.kind, plan.split_k)
     elif plan.kind.startswith("attention"):
         compiled = compile_attention(plan)
+    elif plan.kind == "prefill_attention":
+        compiled = compile_prefill(plan)
     elif plan.kind.startswith("fused"):
         compiled = compile_fused(plan)
     else:
@@ -245,10 +289,12 @@ def report(plan: mm.Plan, dump: Path | None) -> dict:
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     spill = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     straight = plan.kind.startswith("fused")  # no loop: count the whole kernel
-    loop = opcode_mix(sass.splitlines() if straight else innermost_loop(sass.splitlines()))
+    needs = ("HMMA", "HGMMA") if plan.kind == "prefill_attention" else ()
+    loop = opcode_mix(sass.splitlines() if straight else innermost_loop(sass.splitlines(), needs))
     # weight bytes one program reads per loop iteration
     code_bytes = {"dequant": 64 * 32, "lora_shrink": 16 * 256 * 2, "lora_expand": 128 * 16 * 2,
-                  "attention": 2 * plan.block_n * ATTENTION_D * 2}.get(  # attention: a K and a V tile
+                  "attention": 2 * plan.block_n * ATTENTION_D * 2,  # attention: a K and a V tile
+                  "prefill_attention": 2 * plan.block_n * ATTENTION_D * 2}.get(
         plan.kind, plan.block_n * plan.block_k // 2)
     threads = 32 * plan.num_warps
     per_thread = fused_bytes_per_thread(plan) if straight else code_bytes / threads
@@ -269,6 +315,8 @@ def default_plans() -> list[mm.Plan]:
     plans |= {mm.Plan("attention", block_m=g, block_n=block_n, split_k=s, **warps)
               for g in (1, 4) for s in (1, 8)}
     plans |= {mm.Plan("attention_combine", block_n=0, split_k=8, num_warps=attn.NUM_WARPS)}
+    # paged prefill attention, Llama-7B/8B: Hq 32 over Hkv 32 (G = 1) and Hkv 8 (G = 4)
+    plans |= {prefill_plan(g) for g in (1, 4)}
     # fused elementwise ops, Llama-7B (H 4096, I 11008, Hq 32, Hkv 8 or 32, D 128) and the
     # norm of a 70B (H 8192); plan.num_warps is what fused.py launches with
     plans |= {mm.Plan("fused_add_rms_norm", block_n=h, num_warps=fused.norm_config(h)[1])
@@ -302,6 +350,9 @@ def main() -> None:
             name = f"{plan.kind} 16x16 s{plan.split_k}"
         elif plan.kind == "attention":
             name = f"attention G{plan.block_m} n{plan.block_n} d{ATTENTION_D} s{plan.split_k} w{plan.num_warps}"
+        elif plan.kind == "prefill_attention":
+            name = (f"prefill_attention G{plan.block_m} m{plan.block_k} n{plan.block_n} d{ATTENTION_D} "
+                    f"w{plan.num_warps} (KV loop, no mask)")
         elif plan.kind == "attention_combine":
             name = f"attention_combine d{ATTENTION_D} s{plan.split_k}"
         elif plan.kind == "fused_add_rms_norm":

@@ -19,7 +19,7 @@ from bench import gpu_correctness as gc
 from loraplex.kernels import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["env", "pytest", "correctness", "nf4", "lora", "e2e", "hotswap"]
+STAGES = ["env", "pytest", "correctness", "nf4", "lora", "attention", "e2e", "prefix", "hotswap"]
 
 
 def test_stage_caps_fit_the_budget():
@@ -37,10 +37,10 @@ def test_dry_run_runs_every_stage_in_order_past_a_failure_and_a_timeout(tmp_path
 
     summary = json.loads((out / "summary.json").read_text())
     stages = summary["stages"]
-    assert [s["key"] for s in stages] == STAGES and [s["n"] for s in stages] == list(range(1, 8))
+    assert [s["key"] for s in stages] == STAGES and [s["n"] for s in stages] == list(range(1, 10))
     status = {s["key"]: s["status"] for s in stages}
-    assert status == dict(env="PASS", pytest="PASS", correctness="PASS", nf4="PASS", lora="FAIL", e2e="SKIP",
-                          hotswap="TIMEOUT")
+    assert status == dict(env="PASS", pytest="PASS", correctness="PASS", nf4="PASS", lora="FAIL", attention="PASS",
+                          e2e="SKIP", prefix="PASS", hotswap="TIMEOUT")
     assert summary["as_planned"] and not summary["passed"] and summary["dry_run"]
     by_key = {s["key"]: s for s in stages}
     assert by_key["hotswap"]["cap"] == 2 and 2 <= by_key["hotswap"]["seconds"] < 15  # ended at its cap
@@ -49,6 +49,12 @@ def test_dry_run_runs_every_stage_in_order_past_a_failure_and_a_timeout(tmp_path
     assert "skipped" in by_key["pytest"]["figures"]  # no CUDA: every gpu test skips
     for run in ("engine-eager", "engine-chunked", "serve-eager"):
         assert f"{run} ok" in by_key["correctness"]["figures"]
+    # the new stages' one-line figures: smoke contexts 0, 37, 130 (untimed on CPU); cache on/off
+    assert "ours/gather+SDPA time 0 " in by_key["attention"]["figures"]
+    assert "ours not timed (no GPU)" in by_key["attention"]["figures"]
+    assert "on/off cold/warm: TTFT mean " in by_key["prefix"]["figures"]
+    assert "outputs 8/8 identical" in by_key["prefix"]["figures"]
+    assert "--smoke" in by_key["attention"]["command"] and "--smoke" in by_key["prefix"]["command"]
 
     # what comes back from the device tool: a few files (8 at most), the plans carried through
     assert sorted(p.name for p in out.iterdir()) == ["logs.txt", "nf4_plans.json", "results.tar.gz", "summary.json",
@@ -57,7 +63,8 @@ def test_dry_run_runs_every_stage_in_order_past_a_failure_and_a_timeout(tmp_path
     with tarfile.open(out / "results.tar.gz") as tar:
         names = {Path(n).name for n in tar.getnames()}
     assert {f"{i}_{k}.log" for i, k in enumerate(STAGES, 1) if k != "e2e"} <= names
-    assert {"env.json", "correctness.json", "nf4.json", "pytest_gpu.xml", "summary.txt"} <= names
+    assert {"env.json", "correctness.json", "nf4.json", "attention.json", "prefix.json", "pytest_gpu.xml",
+            "summary.txt"} <= names
     logs = (out / "logs.txt").read_text()
     assert "forced failure" in logs and "TIMEOUT: ended after the 2 s cap" in logs
 
@@ -65,7 +72,7 @@ def test_dry_run_runs_every_stage_in_order_past_a_failure_and_a_timeout(tmp_path
     text = (out / "summary.txt").read_text()
     assert 'carry [".whl"]' in text and "python3 bench/gpu_check.py --out $OUT" in text
     tail = result.stdout[result.stdout.rindex("| stage"):]
-    assert [line.split("|")[1].split()[1] for line in tail.splitlines()[2:9]] == STAGES
+    assert [line.split("|")[1].split()[1] for line in tail.splitlines()[2:11]] == STAGES
     assert "dry run as planned" in result.stdout.splitlines()[-1]
 
 
