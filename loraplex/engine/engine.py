@@ -266,10 +266,8 @@ class Engine:
             req.pending += 1
             req.pending_row = row
         if self.prefix_cache is not None:  # (the device computes them before any later step reads them)
-            for req, _ in sched.prefills:
-                self.prefix_cache.publish(req)
-            for req in sched.decodes:
-                self.prefix_cache.publish(req)
+            self.prefix_cache.publish(req for req, _ in sched.prefills)
+            self.prefix_cache.publish(sched.decodes)
         adapters = {r.adapter_ref for r, _ in sched.prefills} | {r.adapter_ref for r in sched.decodes}
         stats = StepStats(sum(n for _, n in sched.prefills), len(sched.decodes), len(adapters - {None}),
                           0.0, len(sched.preempted),

@@ -13,7 +13,7 @@ are the allocator's (`kv_cache.BlockAllocator`); this module decides which keys 
 looks up and publishes:
   match(req)    at admission: reuse the leading cached blocks. At least the last token is
                 always recomputed (its logits are needed), so that block is never shared.
-  publish(req)  after each launch: blocks whose positions are all computed and whose tokens
+  publish(reqs) after each launch: blocks whose positions are all computed and whose tokens
                 are known on the host get their keys (prompt and generated tokens alike, so
                 a preempted sequence and the next turn of a chat find them).
 A request that asks for prompt logprobs does not match: those need every prompt position run.
@@ -67,10 +67,17 @@ class PrefixCache:
         self.allocator.free(req.block_table)
         req.num_computed = req.num_published = 0
 
-    def publish(self, req: Request) -> None:
+    def publish(self, reqs) -> None:
+        """After a launch, for the requests it ran (a cheap test each: most steps complete no block)."""
+        bs = self.block_size
+        for req in reqs:
+            if req.num_computed // bs > req.num_published:
+                self._publish(req)
+
+    def _publish(self, req: Request) -> None:
         full = min(req.num_computed, len(req.prompt_ids) + len(req.output_ids)) // self.block_size
         if full <= req.num_published:
-            return
+            return  # the block's last token is still on the device (async scheduling)
         keys = self._keys(req, full)
         for i in range(req.num_published, full):
             self.allocator.publish(req.block_table[i], keys[i], req.cache_version)

@@ -89,15 +89,17 @@ def split_needs(batch: int, q_heads: int, head_dim: int, split: int) -> tuple[Ne
 # ----------------------------------------------------------------------------------------
 
 
-def _check(q, k_cache, v_cache, block_tables, seq_lens) -> None:
-    what = "paged_decode_attention"
+def check_q_and_cache(what: str, rows: str, q: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor) -> None:
+    """ValueError unless q [rows, Hq, D] and the paged caches [num_blocks, block_size, Hkv, D]
+    fit together (shared by the decode and prefill kernels)."""
     if q.dim() != 3:
-        raise ValueError(f"{what}: q must be [B, Hq, D], got shape {list(q.shape)}")
+        raise ValueError(f"{what}: q must be [{rows}, Hq, D], got shape {list(q.shape)}")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"{what}: k_cache and v_cache must both be [num_blocks, block_size, Hkv, D], "
                          f"got {list(k_cache.shape)} and {list(v_cache.shape)}")
-    b, hq, d = q.shape
-    num_blocks, block_size, hkv, d_kv = k_cache.shape
+    _, hq, d = q.shape
+    _, block_size, hkv, d_kv = k_cache.shape
     if d_kv != d:
         raise ValueError(f"{what}: head dim of q is {d}, of the cache {d_kv}")
     if hkv < 1 or hq % hkv:
@@ -109,6 +111,12 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens) -> None:
                          f"got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError(f"{what}: k_cache and v_cache must be contiguous")
+
+
+def _check(q, k_cache, v_cache, block_tables, seq_lens) -> None:
+    what = "paged_decode_attention"
+    check_q_and_cache(what, "B", q, k_cache, v_cache)
+    b, num_blocks = q.shape[0], k_cache.shape[0]
     if block_tables.dim() != 2 or block_tables.shape[0] != b or block_tables.dtype != torch.int32:
         raise ValueError(f"{what}: block_tables must be int32 [{b}, max_blocks], "
                          f"got {block_tables.dtype} {list(block_tables.shape)}")

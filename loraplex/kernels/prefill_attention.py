@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from . import runtime
-from .attention import block_n_for
+from .attention import block_n_for, check_q_and_cache
 from .runtime import INTERPRET
 
 try:
@@ -56,7 +56,6 @@ try:
 except ImportError:
     triton = None
 
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 NUM_STAGES = 2
 
@@ -91,24 +90,8 @@ def _pow2(n: int) -> int:
 
 def _check(q, k_cache, v_cache, cu_seqlens, context_lens, block_tables) -> None:
     what = "paged_prefill_attention"
-    if q.dim() != 3:
-        raise ValueError(f"{what}: q must be [T, Hq, D], got shape {list(q.shape)}")
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"{what}: k_cache and v_cache must both be [num_blocks, block_size, Hkv, D], "
-                         f"got {list(k_cache.shape)} and {list(v_cache.shape)}")
-    _, hq, d = q.shape
-    num_blocks, block_size, hkv, d_kv = k_cache.shape
-    if d_kv != d:
-        raise ValueError(f"{what}: head dim of q is {d}, of the cache {d_kv}")
-    if hkv < 1 or hq % hkv:
-        raise ValueError(f"{what}: query heads ({hq}) must be a multiple of kv heads ({hkv})")
-    if block_size < 1 or block_size & (block_size - 1):
-        raise ValueError(f"{what}: block size must be a power of two, got {block_size}")
-    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"{what}: q, k_cache, v_cache must share one dtype of bf16/fp16/fp32, "
-                         f"got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError(f"{what}: k_cache and v_cache must be contiguous")
+    check_q_and_cache(what, "T", q, k_cache, v_cache)
+    num_blocks = k_cache.shape[0]
     if context_lens.dim() != 1 or context_lens.dtype != torch.int32:
         raise ValueError(f"{what}: context_lens must be int32 [P], got {context_lens.dtype} "
                          f"{list(context_lens.shape)}")
@@ -174,6 +157,45 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
 if triton is not None:
 
+    @triton.jit
+    def _attend_tile(q, k_ptr, v_ptr, table, n0, kvh, row_pos, hi_pos, m_i, l_i, acc, scale_log2, stride_pos,
+                     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, DOT_FP32: tl.constexpr,
+                     CAUSAL: tl.constexpr):
+        """One K/V tile of BLOCK_N positions from n0 into the online softmax (m_i, l_i, acc).
+        CAUSAL: a tile on the diagonal, masked per row (`key position <= row_pos`) and past
+        hi_pos (table entries past the end are never read); else every row sees every key."""
+        pos = n0 + tl.arange(0, BLOCK_N)
+        dd = tl.arange(0, D)
+        p_mask = pos < hi_pos
+        if CAUSAL:
+            block = tl.load(table + pos // BLOCK_SIZE, mask=p_mask, other=0)
+        else:
+            block = tl.load(table + pos // BLOCK_SIZE)
+        kv = (block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * stride_pos + kvh * D
+        if CAUSAL:
+            k = tl.load(k_ptr + kv[:, None] + dd[None, :], mask=p_mask[:, None], other=0.0)
+            v = tl.load(v_ptr + kv[:, None] + dd[None, :], mask=p_mask[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptr + kv[:, None] + dd[None, :])
+            v = tl.load(v_ptr + kv[:, None] + dd[None, :])
+        if DOT_FP32:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        if CAUSAL:
+            s = tl.where(pos[None, :] <= row_pos[:, None], s * scale_log2, float("-inf"))
+        else:
+            s = s * scale_log2
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DOT_FP32:
+            acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        return m_new, l_i, acc
+
     @triton.jit(do_not_specialize=["num_chunks", "search_steps", "stride_bt"])  # change per step
     def _paged_prefill_kernel(
         q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr, out_ptr,
@@ -227,47 +249,11 @@ if triton is not None:
         acc = tl.zeros([ROWS, D], tl.float32)
         # Every row sees key 0, in the first tile either loop runs: m_i is finite after it.
         for n0 in range(0, full_end, BLOCK_N):  # below every row's position: no masks at all
-            pos = n0 + tl.arange(0, BLOCK_N)
-            block = tl.load(table + pos // BLOCK_SIZE)
-            kv = (block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * stride_pos + kvh * D
-            k = tl.load(k_ptr + kv[:, None] + dd[None, :])
-            v = tl.load(v_ptr + kv[:, None] + dd[None, :])
-            if DOT_FP32:
-                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * scale_log2
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DOT_FP32:
-                acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, table, n0, kvh, row_pos, hi_pos, m_i, l_i, acc,
+                                         scale_log2, stride_pos, BLOCK_N, BLOCK_SIZE, D, DOT_FP32, False)
         for n0 in range(full_end, hi_pos, BLOCK_N):  # the diagonal: causal mask per row
-            pos = n0 + tl.arange(0, BLOCK_N)
-            p_mask = pos < hi_pos
-            # the block of each position; table entries past the end are masked, never read
-            block = tl.load(table + pos // BLOCK_SIZE, mask=p_mask, other=0)
-            kv = (block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * stride_pos + kvh * D
-            k = tl.load(k_ptr + kv[:, None] + dd[None, :], mask=p_mask[:, None], other=0.0)
-            v = tl.load(v_ptr + kv[:, None] + dd[None, :], mask=p_mask[:, None], other=0.0)
-            if DOT_FP32:
-                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(pos[None, :] <= row_pos[:, None], s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DOT_FP32:
-                acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, table, n0, kvh, row_pos, hi_pos, m_i, l_i, acc,
+                                         scale_log2, stride_pos, BLOCK_N, BLOCK_SIZE, D, DOT_FP32, True)
 
         out = acc / l_i[:, None]
         tl.store(out_ptr + token[:, None] * stride_ot + heads[:, None] * stride_oh + dd[None, :],

@@ -17,12 +17,11 @@ TOL = {torch.bfloat16: (2**-7, 1e-2), torch.float16: (2**-9, 2e-3), torch.float3
 LENS = {1: [77], 3: [1, 64, 45], 5: [130, 1, "3bs", 17, 66]}
 
 
-def _paged(lens, hq, hkv, d, block_size, dtype, device, seed=0):
-    """q, a paged cache holding each sequence's K/V in shuffled blocks, block tables and
-    seq_lens, plus each sequence's contiguous K/V [len, Hkv, D]. Every slot no sequence
-    wrote is NaN, as is a spare block that garbage table entries point to: reading any of
-    them would poison the output."""
-    g = torch.Generator().manual_seed(seed)
+def paged_cache(lens, hkv, d, block_size, dtype, g):
+    """A paged cache holding each sequence's K/V (lens[i] positions) in shuffled blocks, block
+    tables, and each sequence's contiguous K/V [len, Hkv, D] (rounded to `dtype`, in fp32).
+    Every slot no sequence wrote is NaN, as is a spare block that garbage table entries
+    point to: reading any of them would poison the output."""
     blocks = [-(-n // block_size) for n in lens]
     max_blocks = max(blocks) + 2
     num_blocks = sum(blocks) + 3
@@ -43,6 +42,14 @@ def _paged(lens, hq, hkv, d, block_size, dtype, device, seed=0):
             k_cache[blk, : rows.stop - rows.start] = k[rows]
             v_cache[blk, : rows.stop - rows.start] = v[rows]
         seqs.append((k.to(dtype).float(), v.to(dtype).float()))
+    return k_cache, v_cache, tables, seqs
+
+
+def _paged(lens, hq, hkv, d, block_size, dtype, device, seed=0):
+    """q [B, Hq, D], the paged cache (`paged_cache`), block tables and seq_lens, plus each
+    sequence's contiguous K/V."""
+    g = torch.Generator().manual_seed(seed)
+    k_cache, v_cache, tables, seqs = paged_cache(lens, hkv, d, block_size, dtype, g)
     q = torch.randn(len(lens), hq, d, generator=g)
     to = dict(device=device, dtype=dtype)
     return (q.to(**to), k_cache.to(**to), v_cache.to(**to), tables.to(device),

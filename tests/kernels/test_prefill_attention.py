@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from loraplex.kernels import prefill_attention, runtime
 from loraplex.kernels.prefill_attention import (paged_prefill_attention, paged_prefill_attention_ref,
                                                 prefill_grid, prefill_tiles)
+from tests.kernels.test_attention import paged_cache
 
 # output rounding (the interpreter truncates to bf16: one ulp) plus P rounded for P @ V on GPU
 TOL = {torch.bfloat16: (2**-7, 1e-2), torch.float16: (2**-9, 2e-3), torch.float32: (1e-5, 1e-5)}
@@ -32,27 +33,7 @@ def _paged(chunks, hq, hkv, d, block_size, dtype, device, seed=0):
     NaN, as is a spare block that garbage table entries point to: reading any of them would
     poison the output."""
     g = torch.Generator().manual_seed(seed)
-    totals = [c + n for c, n in chunks]
-    blocks = [-(-n // block_size) for n in totals]
-    max_blocks = max(blocks) + 2
-    num_blocks = sum(blocks) + 3
-    k_cache = torch.full((num_blocks, block_size, hkv, d), float("nan"))
-    v_cache = torch.full_like(k_cache, float("nan"))
-    poison = num_blocks - 1
-    order = torch.randperm(num_blocks - 1, generator=g).tolist()  # non-contiguous, shuffled
-    tables = torch.full((len(chunks), max_blocks), -1, dtype=torch.int32)
-    seqs = []
-    for i, n in enumerate(totals):
-        k = torch.randn(n, hkv, d, generator=g)
-        v = torch.randn(n, hkv, d, generator=g)
-        mine, order = order[:blocks[i]], order[blocks[i]:]
-        tables[i, :blocks[i]] = torch.tensor(mine, dtype=torch.int32)
-        tables[i, blocks[i]::2] = poison  # garbage past the end: -1 and a NaN block in turn
-        for j, blk in enumerate(mine):
-            rows = slice(j * block_size, min(n, (j + 1) * block_size))
-            k_cache[blk, : rows.stop - rows.start] = k[rows]
-            v_cache[blk, : rows.stop - rows.start] = v[rows]
-        seqs.append((k.to(dtype).float(), v.to(dtype).float()))
+    k_cache, v_cache, tables, seqs = paged_cache([c + n for c, n in chunks], hkv, d, block_size, dtype, g)
     lens = [n for _, n in chunks]
     cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     q = torch.randn(sum(lens), hq, d, generator=g)
