@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,7 @@ class BlockAllocator:
         self._tag: list[object] = [None] * num_blocks
         self._by_key: dict[bytes, int] = {}
         self._by_tag: dict[object, set[int]] = {}
-        self._cached: dict[int, None] = {}  # refs == 0 with a key, oldest release first
+        self._cached: OrderedDict[int, None] = OrderedDict()  # refs == 0 with a key, oldest release first
 
     @property
     def num_free(self) -> int:
@@ -97,15 +98,16 @@ class BlockAllocator:
     def grow(self, table: list[int], num_tokens: int) -> bool:
         """Extend `table` to hold `num_tokens` positions; False (and no change) if blocks ran out.
         Free blocks go first, then the least recently released cached ones lose their keys."""
-        need = self.blocks_needed(table, num_tokens)
-        if need > self.num_free:
+        need = -(-num_tokens // self.block_size) - len(table)
+        if need <= 0:  # (most calls: a decode within its last block)
+            return True
+        if need > len(self._free) + len(self._cached):
             return False
         for _ in range(need):
             if self._free:
                 block = self._free.pop()
             else:
-                block = next(iter(self._cached))
-                del self._cached[block]
+                block, _ = self._cached.popitem(last=False)
                 self._unpublish(block)
             self._refs[block] = 1
             table.append(block)
