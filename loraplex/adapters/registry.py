@@ -277,8 +277,8 @@ class AdapterRegistry:
         path = Path(path)
         with self._lock:
             self._check_name_free(name, replace)
-            entry = AdapterEntry(name, path, 0, [], 0, version=next(self._versions),
-                                 owns_path=_owns_path, roots=None if roots is None else tuple(Path(r) for r in roots))
+            entry = AdapterEntry(name, path, 0, [], 0, version=next(self._versions), owns_path=_owns_path,
+                                 roots=None if roots is None else tuple(Path(r) for r in roots))
             if pin:  # claimed in the same hold of the lock as the check, so racing pins cannot all pass it
                 self._check_pin_room(replacing=self._names.get(name))
                 entry.pinned = True

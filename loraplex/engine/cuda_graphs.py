@@ -66,7 +66,8 @@ class DecodeGraphs:
         cos, sin = self.model.rope(positions)
         lora = BatchMeta.build(self.lora_slots[:b], self.model.lora_slots) if self.model.lora_slots else None
         step = StepMeta(positions=positions, slot_mapping=self.slot_mapping[:b], cos=cos, sin=sin,
-                        prefill_cu_seqlens=None, prefill_context_lens=None, prefill_block_tables=None, decode_start=0, decode_block_tables=self.block_tables[:b], decode_seq_lens=self.seq_lens[:b],
+                        prefill_cu_seqlens=None, prefill_context_lens=None, prefill_block_tables=None,
+                        decode_start=0, decode_block_tables=self.block_tables[:b], decode_seq_lens=self.seq_lens[:b],
                         lora=lora, logits_rows=self.rows[:b])
         return self.model(self.input_ids[:b], step)
 
