@@ -194,9 +194,11 @@ def serve(args: argparse.Namespace) -> int:
     # connections still open after the drain are idle or finishing their last bytes
     tls = dict(ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, ssl_ca_certs=config.ssl_ca_certs,
                ssl_cert_reqs=config.ssl_cert_reqs) if config.ssl_certfile else {}
+    # asyncio and h11 named, not uvicorn's "auto": uvloop and httptools (which an extra such as
+    # ray[serve] installs) measured no faster here, and h11's limits are the ones tested
     server = Server(uvicorn.Config(create_app(state), host=config.host, port=config.port,
                                    log_level=config.uvicorn_log_level or config.log_level, access_log=config.access_log,
-                                   timeout_graceful_shutdown=5, **tls))
+                                   timeout_graceful_shutdown=5, loop="asyncio", http="h11", **tls))
     if config.access_log_skip:  # after uvicorn.Config, which sets its loggers up
         logging.getLogger("uvicorn.access").addFilter(_SkipPaths(config.access_log_skip))
     server.run()

@@ -47,7 +47,8 @@ def live_server(config: ServerConfig):
     with runtime.reference_kernels():
         state = ServerState(config)
         port = free_port()
-        srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+        srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning",
+                                            loop="asyncio", http="h11"))  # as `loraplex serve`
         thread = threading.Thread(target=srv.run, daemon=True)
         thread.start()
         assert state.ready.wait(120), state.failed
