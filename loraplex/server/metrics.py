@@ -44,6 +44,8 @@ use and LoRA affinity routing); same values as above
     of the scrape; the adapter labels are comma-joined names (one series, always the latest):
     "running" = adapters in GPU slots, ready at once (the extension's protocol), "waiting" =
     adapters with requests waiting for a slot.
+    vllm:cache_config_info{block_size, num_gpu_blocks, enable_prefix_caching} = 1 once the engine
+    is up (the picker's prefix-cache scorer reads the block size from it), and
     vllm:prefix_cache_queries_total{model_name}, vllm:prefix_cache_hits_total{model_name}: the
     prefix cache's queried and hit tokens over every model, as vLLM counts them (hit rate =
     hits / queries)
@@ -100,6 +102,9 @@ class Snapshot:
     max_lora: int                      # GPU adapter slots
     engine_healthy: bool = True        # AsyncEngine.health is None (also while the model loads)
     engine_step_failures: int = 0      # engine steps that raised, in all
+    block_size: int = 0                # KV cache positions per block (0: no engine yet)
+    num_gpu_blocks: int = 0            # KV cache blocks
+    prefix_caching: bool = False       # the prefix cache is on
 
 
 def _label(value) -> str:
@@ -158,6 +163,9 @@ class _SnapshotCollector:
                                  "(vLLM-compatible name).", labels=["model_name"])
         v_gpu_kv = GaugeMetricFamily("vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent "
                                      "usage (older vLLM name of vllm:kv_cache_usage_perc).", labels=["model_name"])
+        v_cache = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV cache config, in its labels "
+                                    "(vLLM-compatible; value 1).",
+                                    labels=["block_size", "num_gpu_blocks", "enable_prefix_caching"])
         v_lora = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests; the value is "
                                    "the unix time of the scrape (vLLM-compatible).",
                                    labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
@@ -177,8 +185,10 @@ class _SnapshotCollector:
             v_gpu_kv.add_metric(model, usage)
             v_lora.add_metric([str(int(snap.max_lora)), _joined(snap.running_adapters),
                                _joined(snap.waiting_adapters)], time.time())
+            if snap.block_size:
+                v_cache.add_metric([str(snap.block_size), str(snap.num_gpu_blocks), str(snap.prefix_caching)], 1.0)
         return [running, waiting, kv, adapters, slots, healthy, step_failures, v_running, v_waiting, v_kv, v_gpu_kv,
-                v_lora]
+                v_lora, v_cache]
 
 
 class ServerMetrics:

@@ -94,7 +94,8 @@ def take_snapshot(engine: Engine, registry: AdapterRegistry, async_engine: Async
     return Snapshot(len(engine.scheduler.running), len(engine.scheduler.waiting), engine.allocator.usage(),
                     {t: usage[f"tier_{t}"] for t in ("gpu", "host", "disk")}, running, waiting,
                     registry.num_slots, engine_healthy=async_engine.health is None,
-                    engine_step_failures=async_engine.step_failures)
+                    engine_step_failures=async_engine.step_failures, block_size=engine.allocator.block_size,
+                    num_gpu_blocks=engine.allocator.num_blocks - 1, prefix_caching=engine.prefix_cache is not None)
 
 
 def idle_snapshot(slots: int, healthy: bool = True, step_failures: int = 0) -> Snapshot:
