@@ -68,12 +68,14 @@ def find_adapter_dir(name: str, roots: list[Path]) -> Path | None:
     return None
 
 
-async def load_on_first_request(state, name: str) -> bool:
+async def load_on_first_request(state, name: str, roots: list[Path] | None = None) -> bool:
     """Register the adapter directory `name` names under a --lora-resolve-root, once, and return
     True; False when no root is configured or none holds such a directory (the caller answers
     404 "model does not exist"). A directory that is not a valid adapter raises APIError 404
-    saying why."""
-    if not state.config.lora_resolve_roots or not is_resolvable_name(name):
+    saying why. `roots` (links followed) stand in for the server's resolve roots: an
+    integration that registers adapters itself (the Ray Serve replicas' multiplexer)."""
+    roots = resolve_roots(state) if roots is None else roots
+    if not roots or not is_resolvable_name(name):
         return False
     if state.is_base_model(name):
         return False  # the base model's names are never adapters
@@ -82,7 +84,7 @@ async def load_on_first_request(state, name: str) -> bool:
     pending = _loading.setdefault(state, {})
     task = pending.get(name)
     if task is None:
-        task = asyncio.ensure_future(_load(state, name))
+        task = asyncio.ensure_future(_load(state, name, roots))
         pending[name] = task
 
         def done(t: asyncio.Task, name=name) -> None:
@@ -94,8 +96,7 @@ async def load_on_first_request(state, name: str) -> bool:
     return await asyncio.shield(task)
 
 
-async def _load(state, name: str) -> bool:
-    roots = resolve_roots(state)
+async def _load(state, name: str, roots: list[Path]) -> bool:
     real = await asyncio.to_thread(find_adapter_dir, name, roots)
     if real is None:
         return False
