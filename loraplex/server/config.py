@@ -153,16 +153,15 @@ def _env(name: str) -> str | None:
     return value or None  # set but empty (e.g. passed through by compose) = not set
 
 
-def _env_bool(name: str, default: bool) -> bool:
-    """A boolean variable: 1/true/yes or 0/false/no (anything else is an error); unset = `default`."""
-    value = _env(name)
+def _parse_bool(value: str | None, default: bool) -> bool:
+    """A boolean variable's text: 1/true/yes or 0/false/no (anything else is refused); unset = `default`."""
     if value is None:
         return default
     if value.lower() in ("1", "true", "yes"):
         return True
     if value.lower() in ("0", "false", "no"):
         return False
-    raise ValueError(f"{_var(name)} must be 1, true, yes, 0, false or no, got {value!r}")
+    raise ValueError("expected 1, true, yes, 0, false or no")
 
 
 def _adapter_pair(text: str) -> tuple[str, str]:
@@ -342,6 +341,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `loraplex serve`; defaults come from the environment, then ServerConfig."""
     d = ServerConfig()
 
+    def from_env(name: str, parse):
+        """parse(the variable's text); a value it refuses is a usage error naming the variable
+        (exit 2, as a bad flag is), not a traceback."""
+        try:
+            return parse(_env(name))
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            p.error(f"{_var(name)}={_env(name)!r}: {exc}")
+
     def flag(name: str, help: str, *, type=str, default=None, repeat: bool = False, sep: str = ",",
              aliases: tuple[str, ...] = (), nargs=None, **kw):
         env, var = _env(name), _var(name)
@@ -349,14 +356,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         names = (f"--{name}", *aliases)
         dest = name.replace("-", "_")
         if repeat:
-            value = [type(v) for v in env.split(sep) if v] if env else []
+            value = from_env(name, lambda env: [type(v) for v in env.split(sep) if v] if env else [])
             listed = "os.pathsep" if sep == os.pathsep else "comma"
             action = "extend" if nargs else "append"
             p.add_argument(*names, dest=dest, type=type, action=action, default=None, nargs=nargs,
                            help=f"{help}{also} [repeatable; env {var}, {listed}-separated]", **kw)
             p.set_defaults(**{f"{dest}_env": value})
         else:
-            value = type(env) if env is not None else default
+            value = from_env(name, lambda env: type(env) if env is not None else default)
             shown = "" if default is None else f"; default {default}"
             if nargs is not None:
                 kw["nargs"] = nargs
@@ -415,7 +422,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                              "bare --async-scheduling means on", default=d.async_scheduling,
          choices=["auto", "on", "off"], nargs="?", const="on")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                   default=_env_bool("enable-prefix-caching", d.enable_prefix_caching),
+                   default=from_env("enable-prefix-caching", lambda env: _parse_bool(env, d.enable_prefix_caching)),
                    help="reuse the KV cache blocks of prompt prefixes already computed (system prompts, few-shot "
                         "headers, earlier chat turns): only between requests on the same adapter version, or "
                         "between base-model requests; the same outputs, less prefill. On by default, as in vLLM "

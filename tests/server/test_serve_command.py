@@ -47,6 +47,25 @@ def test_flags_and_environment(monkeypatch, tmp_path):
         parse(["--adapter", "no-equals-sign"])
 
 
+@pytest.mark.parametrize("var, value, message", [
+    ("LORAPLEX_MAX_NUM_SEQS", "abc", "invalid literal for int()"),
+    ("LORAPLEX_ENABLE_PREFIX_CACHING", "maybe", "expected 1, true, yes, 0, false or no"),
+    ("LORAPLEX_ADAPTER", "no-equals-sign", "expected NAME=PATH"),
+])
+def test_a_bad_environment_value_is_a_usage_error_naming_the_variable(monkeypatch, capsys, var, value, message):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve"])
+    assert exit_.value.code == 2
+    assert f"{var}='{value}': {message}" in capsys.readouterr().err
+
+
+def test_prefix_caching_is_on_unless_turned_off(monkeypatch):
+    assert parse([]).enable_prefix_caching and not parse(["--no-enable-prefix-caching"]).enable_prefix_caching
+    assert not parse([], {"LORAPLEX_ENABLE_PREFIX_CACHING": "0"}, monkeypatch).enable_prefix_caching
+    assert parse(["--enable-prefix-caching"]).enable_prefix_caching  # the flag wins
+
+
 def test_engine_flags_parse_check_and_reach_the_engine(monkeypatch):
     c = parse(["--max-num-batched-tokens", "64", "--max-num-seqs", "8", "--enforce-eager", "--device", "cpu"])
     assert c.max_num_batched_tokens == 64 and c.max_num_seqs == 8 and c.enforce_eager
