@@ -59,21 +59,28 @@ LORA_SIGNATURE = {  # both LoRA kernels; names not in a kernel's parameters are 
 }
 
 
+def compile_sm90(kernel, types: dict[str, str], constexprs: dict, aligned: tuple[str, ...] = (), **options):
+    """Compile `kernel` for sm_90 as a launch would: its arguments typed from `types` (every
+    parameter but the constexprs must be there), `constexprs` fixed, and the pointers and the
+    integer arguments in `aligned` marked as multiples of 16 (Triton specializes on that at
+    launch)."""
+    params = kernel.arg_names
+    signature = {name: types[name] for name in params if name not in constexprs}
+    signature.update({name: "constexpr" for name in constexprs})
+    marked = [n for n in signature if signature[n].startswith("*") or n in aligned]
+    attrs = {(params.index(n),): [["tt.divisibility", 16]] for n in marked}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
 def compile_lora(kind: str, split_k: int = 1):
     """Compile a LoRA kernel for sm_90 with the tiles `lora.py` uses for Llama shapes."""
     kernel = {"lora_shrink": lora._lora_shrink_kernel, "lora_expand": lora._lora_expand_kernel}[kind]
-    params = kernel.arg_names
-    signature = {name: LORA_SIGNATURE[name] for name in params if name in LORA_SIGNATURE}
     constexprs = dict(BLOCK_M=16, BLOCK_R=16, DOT_FP32=False)
     constexprs.update(dict(BLOCK_K=256, SPLIT_K=split_k) if kind == "lora_shrink" else dict(BLOCK_N=128))
-    signature.update({name: "constexpr" for name in constexprs})
-    # pointers, and the sizes that are multiples of 16 for Llama shapes (Triton specializes
-    # on that at launch)
-    aligned = [n for n in signature if signature[n].startswith("*")
-               or n in ("K", "LR", "R", "stride_as", "stride_bs", "stride_y")]
-    attrs = {(params.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    # the sizes that are multiples of 16 for Llama shapes
+    return compile_sm90(kernel, LORA_SIGNATURE, constexprs, ("K", "LR", "R", "stride_as", "stride_bs", "stride_y"),
+                        num_warps=4)
 
 
 ATTENTION_SIGNATURE = {  # both attention kernels; names not in a kernel's parameters are ignored
@@ -96,17 +103,10 @@ def compile_attention(plan: mm.Plan):
     else:
         kernel, out = attn._split_combine_kernel, "*bf16"
         constexprs = dict(D=ATTENTION_D, SPLIT=plan.split_k)
-    params = kernel.arg_names
-    types = {**ATTENTION_SIGNATURE, "out_ptr": out}
-    signature = {name: types[name] for name in params if name not in constexprs}
-    signature.update({name: "constexpr" for name in constexprs})
-    # pointers and the strides that are multiples of 16 (Triton specializes on that at launch)
-    strides = ("stride_qb", "stride_qh", "stride_pos")
-    aligned = [n for n in signature if signature[n].startswith("*") or n in strides]
-    attrs = {(params.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
+    # the strides that are multiples of 16
+    return compile_sm90(kernel, {**ATTENTION_SIGNATURE, "out_ptr": out}, constexprs,
+                        ("stride_qb", "stride_qh", "stride_pos"), num_warps=plan.num_warps,
+                        num_stages=plan.num_stages)
 
 
 PREFILL_SIGNATURE = {
@@ -136,14 +136,8 @@ def compile_prefill(plan: mm.Plan):
     g_pad = prefill._pow2(group)
     constexprs = dict(G=group, G_PAD=g_pad, BLOCK_M=block_m, ROWS=max(16, block_m * g_pad), BLOCK_N=plan.block_n,
                       BLOCK_SIZE=16, D=ATTENTION_D, DOT_FP32=False)
-    params = kernel.arg_names
-    signature = {name: PREFILL_SIGNATURE[name] for name in params if name not in constexprs}
-    signature.update({name: "constexpr" for name in constexprs})
-    aligned = [n for n in signature if signature[n].startswith("*") or n in PREFILL_ALIGNED]
-    attrs = {(params.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
+    return compile_sm90(kernel, PREFILL_SIGNATURE, constexprs, PREFILL_ALIGNED, num_warps=plan.num_warps,
+                        num_stages=plan.num_stages)
 
 
 FUSED_SIGNATURE = {  # the three fused kernels; names not in a kernel's parameters are ignored
@@ -194,21 +188,12 @@ def compile_fused(plan: mm.Plan):
     kernel = {"fused_add_rms_norm": fused._add_rms_norm_kernel, "fused_silu_mul": fused._silu_mul_kernel,
               "fused_rope_write_kv": fused._rope_write_kv_kernel}[plan.kind]
     constexprs, warps = fused_launch(plan)
-    params = kernel.arg_names
-    signature = {name: FUSED_SIGNATURE[name] for name in params if name not in constexprs}
-    signature.update({name: "constexpr" for name in constexprs})
-    aligned = [n for n in signature if signature[n].startswith("*") or n in FUSED_ALIGNED]
-    attrs = {(params.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, enable_fp_fusion=False))
+    return compile_sm90(kernel, FUSED_SIGNATURE, constexprs, FUSED_ALIGNED, num_warps=warps, enable_fp_fusion=False)
 
 
 def compile_plan(plan: mm.Plan):
     """Compile one plan's kernel for sm_90; plan.kind 'dequant' is the cublas path's kernel."""
     kernel = {"gemv": mm._nf4_gemv_kernel, "gemm": mm._nf4_gemm_kernel, "dequant": mm._nf4_dequant_kernel}[plan.kind]
-    params = kernel.arg_names
-    signature = {name: POINTERS[name] for name in params if name in POINTERS}
     constexprs = dict(NESTED=True, NESTED_BLOCK=256)
     if plan.kind == "dequant":
         constexprs.update(BLOCKS=64)
@@ -216,11 +201,8 @@ def compile_plan(plan: mm.Plan):
         constexprs.update(HAS_BIAS=False, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, SPLIT_K=plan.split_k)
     if plan.kind == "gemm":
         constexprs.update(BLOCK_M=plan.block_m, GROUP_M=8, DOT_FP32=False)
-    signature.update({name: "constexpr" for name in constexprs})
-    attrs = {(params.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16 if name in params}
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
+    return compile_sm90(kernel, POINTERS, constexprs, DIVISIBLE_BY_16, num_warps=plan.num_warps,
+                        num_stages=plan.num_stages)
 
 
 def innermost_loop(sass: list[str], needs: tuple[str, ...] = ()) -> list[str]:
