@@ -122,20 +122,20 @@ def test_empty_batch(device, fn):
     assert out.shape == (0, 4, 32) and out.dtype == torch.bfloat16
 
 
-def _bad(case, device):
-    q = torch.zeros(2, 4, 32, dtype=torch.bfloat16, device=device)
+def bad_q_and_cache(case, rows, device):
+    """q [rows, 4, 32] and a paged cache (2 kv heads, blocks of 16), broken as `case` says for
+    the checks both attention kernels share (`check_q_and_cache`); fine for any other case."""
+    q = torch.zeros(rows, 4, 32, dtype=torch.bfloat16, device=device)
     k = torch.zeros(8, 16, 2, 32, dtype=torch.bfloat16, device=device)
     v = k.clone()
-    tables = torch.zeros(2, 4, dtype=torch.int32, device=device)
-    lens = torch.ones(2, dtype=torch.int32, device=device)
     if case == "q 2-D":
         q = q[0]
     elif case == "v shape":
         v = v[:, :, :1]
     elif case == "head dim":
-        q = torch.zeros(2, 4, 64, dtype=torch.bfloat16, device=device)
+        q = torch.zeros(rows, 4, 64, dtype=torch.bfloat16, device=device)
     elif case == "heads":
-        q = torch.zeros(2, 3, 32, dtype=torch.bfloat16, device=device)
+        q = torch.zeros(rows, 3, 32, dtype=torch.bfloat16, device=device)
     elif case == "block size":
         k = v = torch.zeros(8, 12, 2, 32, dtype=torch.bfloat16, device=device)
     elif case == "dtype":
@@ -144,7 +144,14 @@ def _bad(case, device):
         q, k, v = q.int(), k.int(), v.int()
     elif case == "contiguous":
         k = torch.zeros(8, 2, 16, 32, dtype=torch.bfloat16, device=device).transpose(1, 2)
-    elif case == "tables":
+    return q, k, v
+
+
+def _bad(case, device):
+    q, k, v = bad_q_and_cache(case, 2, device)
+    tables = torch.zeros(2, 4, dtype=torch.int32, device=device)
+    lens = torch.ones(2, dtype=torch.int32, device=device)
+    if case == "tables":
         tables = tables.long()
     elif case == "tables rows":
         tables = tables[:1]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from loraplex.kernels import prefill_attention, runtime
 from loraplex.kernels.prefill_attention import (paged_prefill_attention, paged_prefill_attention_ref,
                                                 prefill_grid, prefill_tiles)
-from tests.kernels.test_attention import paged_cache
+from tests.kernels.test_attention import bad_q_and_cache, paged_cache
 
 # output rounding (the interpreter truncates to bf16: one ulp) plus P rounded for P @ V on GPU
 TOL = {torch.bfloat16: (2**-7, 1e-2), torch.float16: (2**-9, 2e-3), torch.float32: (1e-5, 1e-5)}
@@ -150,26 +150,10 @@ def test_no_rows(device, fn):
 
 def _bad(case, device):
     i32 = dict(dtype=torch.int32, device=device)
-    q = torch.zeros(6, 4, 32, dtype=torch.bfloat16, device=device)
-    k = torch.zeros(8, 16, 2, 32, dtype=torch.bfloat16, device=device)
-    v = k.clone()
+    q, k, v = bad_q_and_cache(case, 6, device)
     cu, contexts = torch.tensor([0, 2, 6], **i32), torch.zeros(2, **i32)
     tables = torch.zeros(2, 4, **i32)
-    if case == "q 2-D":
-        q = q[0]
-    elif case == "v shape":
-        v = v[:, :, :1]
-    elif case == "head dim":
-        q = torch.zeros(6, 4, 64, dtype=torch.bfloat16, device=device)
-    elif case == "heads":
-        q = torch.zeros(6, 3, 32, dtype=torch.bfloat16, device=device)
-    elif case == "block size":
-        k = v = torch.zeros(8, 12, 2, 32, dtype=torch.bfloat16, device=device)
-    elif case == "dtype":
-        v = v.half()
-    elif case == "contiguous":
-        k = torch.zeros(8, 2, 16, 32, dtype=torch.bfloat16, device=device).transpose(1, 2)
-    elif case == "cu_seqlens":
+    if case == "cu_seqlens":
         cu = cu[:2]
     elif case == "cu_seqlens dtype":
         cu = cu.long()
