@@ -50,12 +50,10 @@ nothing (timings of the interpreter mean nothing): the table says "not measured:
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import inspect
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -69,7 +67,9 @@ from loraplex.kernels import runtime  # noqa: E402
 from loraplex.kernels.prefill_attention import (paged_prefill_attention,  # noqa: E402
                                                 paged_prefill_attention_ref, prefill_tiles)
 
+from bench.lora import ints  # noqa: E402
 from bench.nf4_matmul import bench_device, copies_for, fmt, loop_timer, markdown, rel_error  # noqa: E402
+from bench.nf4_matmul import environment as nf4_environment  # noqa: E402
 
 FULL = dict(contexts=(4096, 32768, 131072), chunk=2048, hq=32, hkv=8, d=128)  # Llama-3.1-8B
 SMOKE = dict(contexts=(0, 37, 130), chunk=40, hq=8, hkv=2, d=64)
@@ -102,17 +102,9 @@ def ours_backend(device: torch.device) -> str:
 
 
 def environment(device: torch.device, flash_version: str | None) -> dict[str, str]:
-    triton = runtime.triton
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}, no CUDA)",
-        "torch": torch.__version__,
-        "triton": triton.__version__ if triton is not None else "not installed",
-        "flash_attn": flash_version or "not installed",
-        "triton_interpret": str(runtime.INTERPRET),
-        "ours": ours_backend(device),
-    }
+    env = nf4_environment(device, None)
+    del env["bitsandbytes"]  # not a baseline here
+    return {**env, "flash_attn": flash_version or "not installed", "ours": ours_backend(device)}
 
 
 def header_lines(env: dict[str, str], args) -> list[str]:
@@ -359,10 +351,6 @@ def agreement_line(rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------
-
-
-def ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def parse_args(argv: list[str] | None = None):
