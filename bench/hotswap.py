@@ -67,6 +67,7 @@ from loraplex.adapters.peft_format import (WEIGHTS_NAME, BaseModelSpec, LoRAAdap
 from loraplex.adapters.registry import AdapterRegistry, RegistryConfig  # noqa: E402
 from loraplex.engine.engine import Engine, EngineConfig  # noqa: E402
 from loraplex.engine.kv_cache import kv_bytes_per_token  # noqa: E402
+from loraplex.kernels.lora_pool import full_adapter_pages  # noqa: E402
 from loraplex.engine.request import FinishReason, Request  # noqa: E402
 from loraplex.engine.sampling import SamplingParams  # noqa: E402
 from loraplex.kernels import runtime  # noqa: E402
@@ -399,7 +400,7 @@ def cleanup(drv: Driver | None, engine: Engine | None, registry: AdapterRegistry
 
 
 def usage_clean(usage: dict) -> bool:
-    return all(usage[k] == 0 for k in ("registered", "draining", "gpu_slots_used", "host_rows_used",
+    return all(usage[k] == 0 for k in ("registered", "draining", "gpu_slots_used", "gpu_pages_used", "host_adapters",
                                        "waiting_for_slot"))
 
 
@@ -454,17 +455,18 @@ def run(args, cfg, device: torch.device, sync, started: float) -> dict:
                         EngineConfig(max_num_seqs=args.streams + window + 4, kv_cache_tokens=kv_tokens,
                                      cuda_graph_max_batch=0 if args.no_cuda_graphs else 256))
         pool = registry.pool
+        adapter_bytes = full_adapter_pages(pool.projections, args.rank) * pool.page_bytes  # all linears, real rank
         info = dict(gpu_slots=args.gpu_slots, host_slots=registry.config.host_slots, window=window,
-                    slot_row_bytes=pool.row_bytes, file_bytes=file_bytes,
-                    slots_bytes=pool.weights.numel() * pool.weights.element_size(),
+                    slot_row_bytes=adapter_bytes, file_bytes=file_bytes,
+                    slots_bytes=pool.num_pages * pool.page_bytes,
                     kv_cache_tokens=engine.allocator.capacity_tokens,
                     kv_bytes=engine.allocator.capacity_tokens * kv_bytes_per_token(mc, DTYPE),
                     token_budget=budget, cuda_graphs=engine.runner.graphs is not None,
                     max_num_seqs=engine.config.max_num_seqs)
-        info["memory"] = (f"memory: weights {model.resident_bytes() / 1e9:.2f} GB | {args.gpu_slots} adapter slots x "
-                          f"{pool.row_bytes / 1e6:.1f} MB = {info['slots_bytes'] / 1e9:.2f} GB | "
-                          f"{info['host_slots']} host rows (pinned on CUDA) up to "
-                          f"{info['host_slots'] * pool.row_bytes / 1e9:.2f} GB | KV cache "
+        info["memory"] = (f"memory: weights {model.resident_bytes() / 1e9:.2f} GB | adapter pages for "
+                          f"{args.gpu_slots} adapters x {adapter_bytes / 1e6:.1f} MB = {info['slots_bytes'] / 1e9:.2f} GB | "
+                          f"{info['host_slots']} host copies (pinned on CUDA) up to "
+                          f"{registry.host_limit / 1e9:.2f} GB | KV cache "
                           f"{info['kv_cache_tokens']} tokens = {info['kv_bytes'] / 1e9:.2f} GB")
         if device.type == "cuda":
             info["memory"] += f" | free now {torch.cuda.mem_get_info(device)[0] / 1e9:.1f} GB"
@@ -684,8 +686,8 @@ def main(argv: list[str] | None = None) -> int:
           (f"engine: decode CUDA graphs {'on' if info['cuda_graphs'] else 'off'}, max_num_seqs "
            f"{info['max_num_seqs']}, KV cache {info['kv_cache_tokens']} tokens; context at the end "
            f"{result['context_end']} tokens; stream preemptions {result['preemptions']}"),
-          (f"adapter: {info['file_bytes'] / 1e6:.2f} MB safetensors file; GPU slot row (DMA size, all "
-           f"linears at rank capacity) {info['slot_row_bytes'] / 1e6:.2f} MB"),
+          (f"adapter: {info['file_bytes'] / 1e6:.2f} MB safetensors file; GPU pages (DMA size, all "
+           f"linears at its rank) {info['slot_row_bytes'] / 1e6:.2f} MB"),
           "", *itl_table(s), "", *load_table(s, base, device), "", sep="\n")
     print(f"churn: {s['loads']} adapters loaded in {s['churn_seconds']:.2f} s of churn blocks = "
           f"{fmt(s['loads_per_s'], '.1f')} loads/s ({result['churned_total']} registered in all, warm-up "

@@ -453,12 +453,15 @@ async def run_soak(args, soak: Soak) -> list[tuple[str, bool, str]]:
           usage["draining"] == 0 and usage["waiting_for_slot"] == 0, json.dumps(usage))
     check("GPU slots held only by registered adapters", usage["gpu_slots_used"] == tiers["gpu"] <= registered,
           f"gpu_slots_used {usage['gpu_slots_used']}, tier gpu {tiers['gpu']}, registered {registered}")
-    rows = usage["host_rows_used"]
-    check("host rows held only by registered adapters",
-          tiers["host"] <= rows <= registered
-          and rows + usage["host_rows_free"] == usage["host_rows_allocated"] <= usage["host_slots"],
-          f"host_rows used {usage['host_rows_used']} free {usage['host_rows_free']} allocated "
-          f"{usage['host_rows_allocated']} of {usage['host_slots']}, tiers {dict(tiers)}")
+    held = usage["host_adapters"]
+    check("host copies held only by registered adapters, within both bounds",
+          tiers["host"] <= held <= min(registered, usage["host_slots"]) and usage["host_claims"] == 0
+          and usage["host_bytes_used"] <= usage["host_bytes"],
+          f"host copies {held} of {usage['host_slots']}, {usage['host_bytes_used']} of {usage['host_bytes']} "
+          f"bytes, claims {usage['host_claims']}, tiers {dict(tiers)}")
+    pages = sum(i["pages"] for i in infos if i["gpu_bytes"])
+    check("GPU pages held only by resident adapters", usage["gpu_pages_used"] == pages <= usage["gpu_pages"],
+          f"pages used {usage['gpu_pages_used']} of {usage['gpu_pages']}, resident adapters' {pages}")
 
     after = await soak.metrics()
     gauge_tiers = {t: after.get(f'loraplex_adapters{{tier="{t}"}}') for t in ("gpu", "host", "disk")}

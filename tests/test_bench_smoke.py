@@ -107,5 +107,5 @@ def test_hotswap_bench_smoke(tmp_path):
     usage = report["usage_end"]
     assert report["usage_clean"] and not report["churn_errors"]
     assert usage["registered"] == usage["draining"] == usage["gpu_slots_used"] == 0
-    assert usage["host_rows_used"] == usage["waiting_for_slot"] == 0
+    assert usage["host_adapters"] == usage["gpu_pages_used"] == usage["waiting_for_slot"] == 0
     assert report["targets"] == []  # judged on CUDA only

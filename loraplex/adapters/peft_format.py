@@ -733,7 +733,7 @@ def read_peft_adapter(
     path: str | os.PathLike,
     spec: BaseModelSpec | None = None,
     *,
-    max_rank: int = 128,
+    max_rank: int = 1024,
     max_file_bytes: int = 2 << 30,
     dtype: torch.dtype = torch.float32,
     roots: Sequence[str | os.PathLike] | None = None,

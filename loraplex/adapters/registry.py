@@ -1,17 +1,25 @@
 """The adapter registry: every adapter's life, paged between disk, host memory and GPU slots.
 
-    tiers    disk (the registered directory) -> host (pinned rows in the GPU slot layout,
-             bounded, LRU) -> GPU (the model's slots; LRU among slots no running sequence
-             uses; pinned adapters stay)
+    tiers    disk (the registered directory) -> host (packed in the GPU pool's page format,
+             pinned; bounded in bytes and count, LRU) -> GPU (pages of the model's paged
+             adapter memory, bounded in bytes and slot records; LRU among adapters no running
+             sequence uses; pinned adapters stay)
     states   loading -> ready -> draining -> gone   (a name points at its current entry)
     slots    free -> loading -> ready <-> reserved  (`GpuSlots`: the one record of who owns a slot)
+
+An adapter costs what it weighs: its pages (real ranks on the linears it targets) on the GPU
+and the same bytes on the host. A slot is only a small record (rank, scaling, where its pages
+are), so slots are many and the bytes bind: an adapter that does not fit in the free pages
+evicts least recently used idle adapters until it does, or waits while running sequences
+hold them (reserving as many as it needs, so that newer requests cannot starve it).
 
 Two kinds of callers. Admin calls (`register`, `unload`, `merge`, `export`, `pin`, `info`)
 come from any thread and do their file work there, outside the lock, so nothing waits on a
 disk behind them. The engine thread calls the `AdapterProvider` side (`acquire` ... `between_steps`)
 and never touches a file: a request for an adapter that is only on disk queues a read on the
 loader thread, and host -> GPU copies are issued between steps, asynchronously on a side
-stream on CUDA (one DMA per adapter, see `LoRASlotPool`), so decoding never waits on either.
+stream on CUDA (one copy per run of free pages, see `LoRAPagePool`), so decoding never waits
+on either.
 
 The engine's handle for an adapter is its `AdapterEntry`. A request holds its entry from
 admission to its last token (`acquire` / `release`), so replacing a name swaps it for new
@@ -41,7 +49,7 @@ import torch
 
 from ..engine.adapters import UnknownAdapterError
 from ..engine.request import FinishReason
-from ..kernels.lora_slots import SlotRow
+from ..kernels.lora_pool import MAX_RANK_BOUND, PackedAdapter, full_adapter_pages, page_width_for
 from .merge import check_merge_size, merge_adapters
 from .peft_format import (AdapterError, BaseModelSpec, ConfigCheck, LoRAAdapter, read_peft_adapter,
                           write_peft_adapter)
@@ -61,9 +69,12 @@ class RegistryBusyError(AdapterError):
 
 @dataclass
 class RegistryConfig:
-    gpu_slots: int = 8                # adapters resident on the GPU at once (pre-allocated)
-    host_slots: int = 32              # adapters kept in pinned host memory (LRU); the rest on disk
-    max_rank: int = 16                # the largest LoRA rank accepted (slot capacity)
+    gpu_slots: int = 8                # most adapters resident on the GPU at once (slot records)
+    host_slots: int = 32              # most adapters kept in host memory (LRU); the rest on disk
+    max_rank: int = 16                # the largest LoRA rank accepted (the kernels' scratch width)
+    gpu_bytes: int | None = None      # GPU adapter memory (pages); None = gpu_slots adapters of
+                                      # rank max_rank on every linear
+    host_bytes: int | None = None     # host adapter memory; None = host_slots such adapters
     max_file_bytes: int = 2 << 30     # adapter_model.safetensors larger than this is refused
     work_dir: str | None = None       # where merged adapters are written; None = a temp dir
     # while every GPU slot holds a pinned adapter no slot can free up (the pin limit should
@@ -75,8 +86,11 @@ class RegistryConfig:
             raise ValueError(f"gpu_slots must be >= 1, got {self.gpu_slots}")
         if self.host_slots < 1:
             raise ValueError(f"host_slots must be >= 1, got {self.host_slots}")
-        if not 1 <= self.max_rank <= 128:
-            raise ValueError(f"max_rank must be in 1..128, got {self.max_rank}")
+        if not 1 <= self.max_rank <= MAX_RANK_BOUND:
+            raise ValueError(f"max_rank must be in 1..{MAX_RANK_BOUND}, got {self.max_rank}")
+        for name in ("gpu_bytes", "host_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 byte, got {getattr(self, name)}")
         if not self.slot_wait_timeout_s > 0:
             raise ValueError(f"slot_wait_timeout_s must be > 0, got {self.slot_wait_timeout_s}")
 
@@ -88,13 +102,15 @@ class AdapterEntry:
     rank: int
     targets: list[str]
     nbytes: int                           # compact size of its A and B (as stored)
+    pages: int = 0                        # GPU pages it takes (its real ranks and targets)
+    packed_bytes: int = 0                 # its size in page format (host tier; GPU pages + record)
     version: int = 0                      # new for every registration (the prefix cache's key)
     owns_path: bool = False               # a merged adapter's directory, removed when gone
     roots: tuple[Path, ...] | None = None # a client named the path: every read stays inside these
     checked: ConfigCheck = field(default_factory=ConfigCheck)  # its config, checked once for all reads
     state: str = "loading"                # loading | ready | draining | gone
     pinned: bool = False
-    host: SlotRow | None = None           # host tier: packed, pinned row (its GPU slot: `GpuSlots.of`)
+    host: PackedAdapter | None = None     # host tier: its pages, pinned (its GPU slot: `GpuSlots.of`)
     reading: bool = False                 # a page-in from disk is queued or running
     from_disk: bool = False               # the copy in flight follows a disk read (for load_seconds)
     refcount: int = 0                     # requests holding it
@@ -103,13 +119,14 @@ class AdapterEntry:
     registered_at: float = field(default_factory=time.time)
     last_used: float = 0.0                # time.monotonic() of the last activation
     requests: int = 0                     # requests served so far
-    read_seconds: float | None = None     # file -> host row (read, validate, pack)
+    read_seconds: float | None = None     # file -> host copy (read, validate, pack)
     load_seconds: float | None = None     # last file -> GPU slot (or host -> GPU) time
+    copies: int = 0                       # copies of its last page-in (one per run of free pages)
 
 
 class SlotState(Enum):
     FREE = "free"            # no owner
-    LOADING = "loading"      # the owner's host row is being copied in: not to be read before the copy ends
+    LOADING = "loading"      # the owner's pages are being copied in: not to be read before the copy ends
     READY = "ready"          # the owner's weights are in: new sequences may use it
     RESERVED = "reserved"    # the owner's weights are in, no new sequences: it goes to a waiting
                              # adapter once the owner's running sequences end
@@ -119,28 +136,30 @@ class SlotState(Enum):
 _MOVES = {
     SlotState.FREE: {SlotState.LOADING},
     SlotState.LOADING: {SlotState.READY},
-    SlotState.READY: {SlotState.RESERVED, SlotState.LOADING, SlotState.FREE},
-    SlotState.RESERVED: {SlotState.READY, SlotState.LOADING, SlotState.FREE},
+    SlotState.READY: {SlotState.RESERVED, SlotState.FREE},
+    SlotState.RESERVED: {SlotState.READY, SlotState.FREE},
 }
 
 
 @dataclass(eq=False)
 class GpuSlot:
-    index: int                               # row of the model's slot arena
+    index: int                               # the slot record's index in the model's page pool
     state: SlotState = SlotState.FREE
     owner: AdapterEntry | None = None        # None exactly when FREE
     copy: tuple | None = None                # (start event, end event, started at) while LOADING
 
 
 class GpuSlots:
-    """The GPU slots' state machine, the one record of which adapter owns which slot:
+    """The GPU slots' state machine, the one record of which adapter owns which slot (and
+    so which pages: the pool's placement of that slot):
 
         FREE -load-> LOADING -loaded-> READY -reserve-> RESERVED -unreserve-> READY
-        READY | RESERVED -load (evicts the owner)-> LOADING,  READY | RESERVED -free-> FREE
+        READY | RESERVED -free (evicted or retired: its pages go back)-> FREE
 
     An adapter owns at most one slot (`load` refuses a second). Moves happen under the
-    registry lock: `between_steps` (engine thread) loads, reserves and unreserves; whoever
-    polls a copy's end event marks it loaded; retiring an adapter (any thread) frees its slot."""
+    registry lock: `between_steps` (engine thread) evicts, loads, reserves and unreserves;
+    whoever polls a copy's end event marks it loaded; retiring an adapter (any thread) frees
+    its slot."""
 
     def __init__(self, count: int):
         self.all = [GpuSlot(i) for i in range(count)]
@@ -152,20 +171,13 @@ class GpuSlots:
     def used(self) -> int:
         return len(self._by_owner)
 
-    def reserved(self) -> GpuSlot | None:
-        return next((s for s in self.all if s.state is SlotState.RESERVED), None)
-
-    def load(self, slot: GpuSlot, entry: AdapterEntry, copy: tuple) -> AdapterEntry | None:
-        """Give `slot` to `entry`, whose row `copy` is copying in; returns the evicted owner."""
+    def load(self, slot: GpuSlot, entry: AdapterEntry, copy: tuple) -> None:
+        """Give free `slot` to `entry`, whose pages `copy` is copying in."""
         if entry in self._by_owner:
             raise RuntimeError(f"adapter {entry.name!r} already owns GPU slot {self._by_owner[entry].index}")
-        evicted = slot.owner
         self._move(slot, SlotState.LOADING)
-        if evicted is not None:
-            del self._by_owner[evicted]
         slot.owner, slot.copy = entry, copy
         self._by_owner[entry] = slot
-        return evicted
 
     def loaded(self, slot: GpuSlot) -> None:
         self._move(slot, SlotState.READY)
@@ -209,6 +221,9 @@ class AdapterInfo:
     read_seconds: float | None
     load_seconds: float | None
     error: str | None
+    pages: int = 0            # GPU pages it takes when resident
+    gpu_bytes: int = 0        # bytes it holds on the GPU now (its pages)
+    host_bytes: int = 0       # bytes it holds in host memory now (its packed copy)
 
 
 class AdapterRegistry:
@@ -221,18 +236,23 @@ class AdapterRegistry:
         registry's lock, on whichever thread caused the event, and must return at once."""
         self.config = config = config or RegistryConfig()
         self.spec = spec
-        self.pool = model.allocate_lora(config.gpu_slots, config.max_rank)
+        projections = [p for _, p in model.lora_projections()]
+        full = full_adapter_pages(projections, config.max_rank)  # pages of an all-linear max-rank adapter
+        page_bytes = page_width_for(projections) * model.dtype.itemsize
+        num_pages = max(1, config.gpu_bytes // page_bytes) if config.gpu_bytes else config.gpu_slots * full
+        self.pool = model.allocate_lora(config.gpu_slots, config.max_rank, num_pages)
         self.num_slots = config.gpu_slots
+        self.host_limit = config.host_bytes or config.host_slots * (full * page_bytes + 16 * self.pool.num_columns)
         self.on_event = on_event
         self._lock = threading.RLock()
-        self._row_freed = threading.Condition(self._lock)
+        self._host_freed = threading.Condition(self._lock)
         self._names: dict[str, AdapterEntry] = {}
         self._loading: dict[str, AdapterEntry] = {}    # names being registered
         self._draining: list[AdapterEntry] = []
         self._slots = GpuSlots(config.gpu_slots)
-        self._host: OrderedDict[AdapterEntry, None] = OrderedDict()  # entries with a host row, LRU first
-        self._free_rows: list[SlotRow] = []
-        self._rows_allocated = 0
+        self._host: OrderedDict[AdapterEntry, None] = OrderedDict()  # entries with a host copy, LRU first
+        self._host_bytes = 0                           # held by host copies, and claimed by packs under way
+        self._host_claims = 0                          # packs under way (they count against host_slots)
         self._wanted: list[AdapterEntry] = []          # to page in (demand, in request order)
         self._all_pinned_since: float | None = None    # since when every slot holds a pinned adapter
         self._ends: list[tuple[AdapterEntry, FinishReason, str]] = []  # requests to end at the next step
@@ -251,18 +271,16 @@ class AdapterRegistry:
 
     def close(self) -> None:
         self._io.shutdown(wait=True, cancel_futures=True)
-        with self._lock:  # drop the pinned rows now rather than whenever the registry is collected
-            self._free_rows.clear()
+        with self._lock:  # drop the pinned copies now rather than whenever the registry is collected
             for entry in self._host:
                 entry.host = None
             self._host.clear()
+            self._host_bytes = 0
             leftover, self._dirs_to_remove = self._dirs_to_remove, set()
         for path in leftover:  # removals the shutdown cancelled
             shutil.rmtree(path, ignore_errors=True)
         if self._tmp is not None:
             self._tmp.cleanup()
-
-    # -- admin side (any thread) ----------------------------------------------------------
 
     def register(self, name: str, path: str | Path, *, replace: bool = False, pin: bool = False,
                  roots: list[str | Path] | None = None, _owns_path: bool = False) -> AdapterInfo:
@@ -280,11 +298,11 @@ class AdapterRegistry:
             entry = AdapterEntry(name, path, 0, [], 0, version=next(self._versions), owns_path=_owns_path,
                                  roots=None if roots is None else tuple(Path(r) for r in roots))
             if pin:  # claimed in the same hold of the lock as the check, so racing pins cannot all pass it
-                self._check_pin_room(replacing=self._names.get(name))
+                self._check_pin_room(entry, replacing=self._names.get(name))
                 entry.pinned = True
             self._loading[name] = entry
         try:
-            adapter, row, entry.read_seconds = self._read_to_row(entry)
+            adapter, packed, entry.read_seconds = self._read_to_host_copy(entry, registering=True)
             entry.rank, entry.targets = adapter.max_rank, sorted(adapter.targets)
             entry.nbytes = adapter.nbytes()
         except BaseException:
@@ -298,12 +316,12 @@ class AdapterRegistry:
             old = self._names.get(name)
             if old is not None:
                 if not replace:  # raced with another register of the same name
-                    self._give_row(row)
+                    self._settle_claim(None, entry)
                     raise AdapterExistsError(f"adapter {name!r} is already registered")
                 entry.pinned = entry.pinned or old.pinned  # a replaced pinned adapter stays pinned
                 self._drain(old)
-            entry.state, entry.host, entry.from_disk = "ready", row, True  # its first GPU load counts the read
-            self._host[entry] = None
+            entry.state, entry.from_disk = "ready", True  # its first GPU load counts the read
+            self._settle_claim(packed, entry)
             self._names[name] = entry
             if entry.pinned:
                 self._want(entry)
@@ -356,7 +374,7 @@ class AdapterRegistry:
         with self._lock:
             entry = self._entry(name)
             if pinned and not entry.pinned:
-                self._check_pin_room()
+                self._check_pin_room(entry)
                 self._want(entry)
             entry.pinned = pinned
             return self._info(entry)
@@ -381,19 +399,31 @@ class AdapterRegistry:
             return sorted(self._names)
 
     def usage(self) -> dict[str, int]:
-        """Counts for gauges and leak checks."""
+        """Counts and bytes for gauges and leak checks."""
         with self._lock:
             tiers = {"gpu": 0, "host": 0, "disk": 0}
             for entry in self._names.values():
                 tiers[self._tier(entry)] += 1
+            pool = self.pool
             return {
                 "registered": len(self._names), "draining": len(self._draining),
                 "gpu_slots_used": self._slots.used(), "gpu_slots": self.num_slots,
-                "host_rows_used": len(self._host), "host_rows_free": len(self._free_rows),
-                "host_rows_allocated": self._rows_allocated,
-                "host_slots": self.config.host_slots, "waiting_for_slot": len(self._wanted),
+                "gpu_pages_used": pool.pages_used, "gpu_pages": pool.num_pages, "page_bytes": pool.page_bytes,
+                "gpu_bytes_used": pool.pages_used * pool.page_bytes, "gpu_bytes": pool.num_pages * pool.page_bytes,
+                "host_adapters": len(self._host), "host_slots": self.config.host_slots,
+                "host_bytes_used": self._host_bytes, "host_bytes": self.host_limit,
+                "host_claims": self._host_claims, "waiting_for_slot": len(self._wanted),
+                "capacity": self._capacity(),
                 **{f"tier_{k}": v for k, v in tiers.items()},
             }
+
+    def _capacity(self) -> int:
+        """How many adapters the GPU holds at once: the slots, or as many adapters of the mean
+        size of those registered as the pages hold, whichever is fewer (slots when none is)."""
+        sizes = [e.pages for e in self._names.values()]
+        if not sizes or not sum(sizes):
+            return self.num_slots
+        return max(1, min(self.num_slots, self.pool.num_pages * len(sizes) // sum(sizes)))
 
     def resident_and_waiting(self) -> tuple[list[str], list[str]]:
         """Names in GPU slots (ready to serve at once), and names with requests waiting for a
@@ -470,17 +500,32 @@ class AdapterRegistry:
                                  max_file_bytes=self.config.max_file_bytes, dtype=self.pool.dtype,
                                  roots=entry.roots, checked=entry.checked)
 
-    def _read_to_row(self, entry: AdapterEntry) -> tuple[LoRAAdapter, SlotRow, float]:
-        """File -> validated adapter -> packed host row, and the seconds it took (no lock held)."""
+    def _read_to_host_copy(self, entry: AdapterEntry, registering: bool = False
+                           ) -> tuple[LoRAAdapter, PackedAdapter, float]:
+        """File -> validated adapter -> packed host copy, and the seconds it took (no lock held).
+        Its bytes are claimed against the host bound before packing; the caller owns them."""
         started = time.monotonic()
         adapter = self._read(entry)
-        row = self._take_row()
+        ranks = {key: m.a.shape[0] for key, m in adapter.modules.items()}
+        pages = self.pool.pages_for(ranks)
+        nbytes = pages * self.pool.page_bytes + self.pool.record_bytes
+        if registering:
+            with self._lock:
+                self._check_fits(entry, pages, nbytes)
+                entry.packed_bytes = nbytes
+        elif pages != entry.pages:  # its files changed after registration: it was sized and checked as it was
+            raise AdapterError(f"adapter {entry.name!r} changed on disk since it was registered "
+                               f"({entry.pages} pages then, {pages} now); register it again")
+        self._claim_host_bytes(nbytes)
         try:
-            self.pool.pack(row, adapter.modules)
+            packed = self.pool.pack(adapter.modules)  # pinned allocation and packing: outside the lock
         except BaseException:
-            self._give_row(row)
+            with self._lock:
+                self._host_claims -= 1
+                self._host_bytes -= nbytes
+                self._host_freed.notify_all()
             raise
-        return adapter, row, time.monotonic() - started
+        return adapter, packed, time.monotonic() - started
 
     def _tier(self, entry: AdapterEntry) -> str:
         slot = self._slots.of(entry)
@@ -489,15 +534,17 @@ class AdapterRegistry:
         return "host" if entry.host is not None else "disk"
 
     def _copying(self, entry: AdapterEntry) -> bool:
-        """Its host row is being copied into a GPU slot (the row must stay)."""
+        """Its host copy is being copied into GPU pages (the host copy must stay)."""
         slot = self._slots.of(entry)
         return slot is not None and slot.state is SlotState.LOADING
 
     def _info(self, e: AdapterEntry) -> AdapterInfo:
         ago = None if not e.last_used else time.monotonic() - e.last_used
+        gpu = e.pages * self.pool.page_bytes if self._slots.of(e) is not None else 0
+        host = e.packed_bytes if e.host is not None else 0
         return AdapterInfo(e.name, e.state, self._tier(e), str(e.path), e.rank, list(e.targets), e.nbytes,
                            e.pinned, e.refcount, e.active, e.requests, e.registered_at, ago, e.read_seconds,
-                           e.load_seconds, e.error)
+                           e.load_seconds, e.error, e.pages, gpu, host)
 
     def _emit(self, kind: str, name: str, seconds: float | None = None) -> None:
         if self.on_event is not None:
@@ -530,14 +577,46 @@ class AdapterRegistry:
                 for entry in held:
                     self.release(entry)
 
-    def _check_pin_room(self, replacing: AdapterEntry | None = None) -> None:
-        """Room for one more pin: at most slots - 1, so one slot always serves unpinned adapters.
-        Pins claimed by registrations still reading count; that of an adapter being replaced
-        does not (its replacement takes it over)."""
-        pinned = sum(e.pinned for e in (*self._names.values(), *self._loading.values()) if e is not replacing)
-        if pinned + 1 > self.num_slots - 1:
+    def _pinned_pages(self, *excluding: AdapterEntry | None) -> tuple[int, int]:
+        """(count, pages) of the pinned adapters, with registrations still reading, without
+        `excluding` (the adapter asking; one being replaced, whose pin its replacement takes)."""
+        pinned = [e for e in (*self._names.values(), *self._loading.values()) if e.pinned and e not in excluding]
+        return len(pinned), sum(e.pages for e in pinned)
+
+    def _check_pin_room(self, entry: AdapterEntry, replacing: AdapterEntry | None = None) -> None:
+        """Room to pin `entry`: at most slots - 1 pins, so a slot always serves unpinned adapters,
+        and every registered unpinned adapter must still fit in the pages the pins leave."""
+        count, pages = self._pinned_pages(entry, replacing)
+        if count + 1 > self.num_slots - 1:
             raise RegistryBusyError(f"cannot pin more than {self.num_slots - 1} adapters with {self.num_slots} "
                                     f"GPU slots (one stays free for the others)")
+        largest = max((e.pages for e in self._names.values() if not e.pinned and e not in (entry, replacing)),
+                      default=0)
+        if pages + entry.pages + largest > self.pool.num_pages:
+            page_bytes = self.pool.page_bytes
+            raise RegistryBusyError(
+                f"cannot pin {entry.name!r}: pinned adapters would take {_mb((pages + entry.pages) * page_bytes)} of "
+                f"the {_mb(self.pool.num_pages * page_bytes)} of GPU adapter memory, too little left for the largest "
+                f"unpinned adapter ({_mb(largest * page_bytes)})")
+
+    def _check_fits(self, entry: AdapterEntry, pages: int, nbytes: int) -> None:
+        """A new registration must fit the host bound, and the GPU pool beside the pins."""
+        page_bytes, total = self.pool.page_bytes, self.pool.num_pages
+        if nbytes > self.host_limit:
+            raise AdapterError(f"adapter {entry.name!r} takes {_mb(nbytes)}, more than the host adapter memory "
+                               f"({_mb(self.host_limit)})")
+        if pages > total:
+            raise AdapterError(f"adapter {entry.name!r} takes {_mb(pages * page_bytes)} of GPU adapter memory, more "
+                               f"than there is ({_mb(total * page_bytes)})")
+        replacing = self._names.get(entry.name)
+        entry.pages = pages
+        if entry.pinned:
+            self._check_pin_room(entry, replacing)
+            return
+        _, pinned = self._pinned_pages(entry, replacing)
+        if pages + pinned > total:
+            raise RegistryBusyError(f"adapter {entry.name!r} takes {_mb(pages * page_bytes)} of GPU adapter memory; "
+                                    f"pinned adapters leave {_mb((total - pinned) * page_bytes)}")
 
     def _want(self, entry: AdapterEntry) -> None:
         if entry not in self._wanted:
@@ -553,7 +632,7 @@ class AdapterRegistry:
             self._draining.append(entry)
 
     def _retire(self, entry: AdapterEntry) -> None:
-        """Free what a drained entry holds (a slot or row still being copied: once the copy ends)."""
+        """Free what a drained entry holds (pages or a host copy still being copied: once the copy ends)."""
         entry.state = "gone"
         self._retired.append(entry.version)
         if entry in self._draining:
@@ -580,43 +659,49 @@ class AdapterRegistry:
     def _free_resources(self, entry: AdapterEntry) -> None:
         slot = self._slots.of(entry)
         if slot is not None:
-            self._slots.free(slot)
+            self._free_gpu(slot)
         if entry.host is not None:
-            self._host.pop(entry, None)
-            self._give_row(entry.host)
-            entry.host = None
+            self._drop_host(entry)
 
-    def _take_row(self) -> SlotRow:
-        """A host row to fill: a free one, a new one under the limit, or the least recently used
-        entry's (never one being copied to the GPU: wait for that copy)."""
+    def _free_gpu(self, slot: GpuSlot) -> None:
+        """Give a slot's record and pages back (not while its copy is in flight)."""
+        self.pool.release(slot.index)
+        self._slots.free(slot)
+
+    def _drop_host(self, entry: AdapterEntry) -> None:
+        self._host.pop(entry, None)
+        entry.host = None
+        self._host_bytes -= entry.packed_bytes
+        self._host_freed.notify_all()
+
+    def _claim_host_bytes(self, nbytes: int) -> None:
+        """Claim room for a host copy of `nbytes` (any thread, without the lock held), evicting
+        least recently used host copies until it is under both bounds; never one being copied
+        to the GPU (wait for that copy), and those a waiting request needs last."""
         with self._lock:
-            while True:
-                if self._free_rows:
-                    return self._free_rows.pop()
-                if self._rows_allocated < self.config.host_slots:
-                    self._rows_allocated += 1
-                    break
-                # least recently used first, sparing rows a GPU copy or a waiting request needs
+            while (len(self._host) + self._host_claims >= self.config.host_slots
+                   or self._host_bytes + nbytes > self.host_limit):
                 victim = next((e for e in self._host if not self._copying(e) and e not in self._wanted),
                               next((e for e in self._host if not self._copying(e)), None))
                 if victim is not None:
-                    self._host.pop(victim)
-                    row, victim.host = victim.host, None
+                    self._drop_host(victim)
                     self._emit("evict_host", victim.name)
-                    return row
+                    continue
                 self._poll_copies()
-                self._row_freed.wait(0.002)
-        try:
-            return self.pool.new_row()  # pinned allocation: outside the lock
-        except BaseException:
-            with self._lock:
-                self._rows_allocated -= 1
-            raise
+                self._host_freed.wait(0.002)
+            self._host_claims += 1
+            self._host_bytes += nbytes
 
-    def _give_row(self, row: SlotRow) -> None:
+    def _settle_claim(self, packed: PackedAdapter | None, entry: AdapterEntry) -> None:
+        """A claim ends: `packed` becomes `entry`'s host copy, or (None) its bytes are given back."""
         with self._lock:
-            self._free_rows.append(row)
-            self._row_freed.notify()
+            self._host_claims -= 1
+            if packed is None:
+                self._host_bytes -= entry.packed_bytes
+            else:
+                entry.host = packed
+                self._host[entry] = None
+            self._host_freed.notify_all()
 
     def _poll_copies(self) -> None:
         for slot in self._slots.all:
@@ -633,7 +718,7 @@ class AdapterRegistry:
             self._emit("load_gpu", entry.name, entry.load_seconds)
             if entry.state == "gone":
                 self._free_resources(entry)
-        self._row_freed.notify_all()
+        self._host_freed.notify_all()
 
     def _page_in(self, entry: AdapterEntry, fresh: set[int]) -> bool:
         """Move one wanted entry a tier closer to the GPU; False if no slot can be had now."""
@@ -650,69 +735,92 @@ class AdapterRegistry:
                 entry.reading = True
                 self._io.submit(self._read_to_host, entry)
             return True
-        slot = self._free_slot(fresh)
+        slot = self._make_room(entry, fresh)
         if slot is None:
             return False
+        if not self.pool.table_fits(entry.pages):
+            if any(s.state is SlotState.LOADING for s in self._slots.all):
+                return False  # compacting moves table runs: not under a copy still writing its own
+            self.pool.compact_table()
         fresh.add(slot.index)
         self._wanted.remove(entry)
-        evicted = self._slots.load(slot, entry, self._start_copy(slot.index, entry.host))
-        if evicted is not None:
-            self._emit("evict_gpu", evicted.name)
+        self._slots.load(slot, entry, self._start_copy(slot.index, entry))
         if not self._cuda:
             self._poll_copies()  # the copy is done already
         self._host.move_to_end(entry)
         return True
 
-    def _start_copy(self, index: int, row: SlotRow) -> tuple:
-        """Copy a host row into GPU slot `index`: (start event, end event, started at)."""
+    def _start_copy(self, index: int, entry: AdapterEntry) -> tuple:
+        """Copy a host copy into GPU pages for slot `index`: (start event, end event, started at)."""
         began = time.monotonic()
         if not self._cuda:
-            self.pool.load(index, row)
+            entry.copies = len(self.pool.load(index, entry.host).page_runs)
             return None, None, began
-        # after whatever the model has queued (the evicted adapter may still be read), on the
-        # side stream, from the pinned row; the slot is used once the end event passes
+        # after whatever the model has queued (pages just freed may still be read for rows that
+        # are dropped), on the side stream, from the pinned copy; the slot is used once the end
+        # event passes
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self._stream):
             self._stream.wait_stream(torch.cuda.current_stream(self.pool.device))
             start.record()
-            self.pool.load(index, row, non_blocking=True)
+            entry.copies = len(self.pool.load(index, entry.host, non_blocking=True).page_runs)
             end.record()
         return start, end, began
 
-    def _free_slot(self, fresh: set[int]) -> GpuSlot | None:
-        """An empty slot, else one that no running sequence, pin or copy holds (first those
-        with no queued requests, then least recently used); if every slot is busy, reserve the
-        LRU unpinned one (no new admissions to it) so that it frees up for the waiting adapter
-        instead of serving newer requests forever."""
-        candidates = []
-        for slot in self._slots.all:
-            if slot.state is SlotState.FREE:
-                return slot
-            owner = slot.owner
-            if slot.state is not SlotState.LOADING and owner.active == 0 and not owner.pinned \
-                    and slot.index not in fresh:
-                candidates.append((owner.refcount > 0, owner.last_used, slot.index))
-        if candidates:
-            return self._slots.all[min(candidates)[2]]
-        if self._slots.reserved() is None:
-            busy = [(s.owner.last_used, s.index) for s in self._slots.all
-                    if s.state is SlotState.READY and not s.owner.pinned and s.index not in fresh]
-            if busy:
-                self._slots.reserve(self._slots.all[min(busy)[1]])
+    def _make_room(self, entry: AdapterEntry, fresh: set[int]) -> GpuSlot | None:
+        """A free slot with `entry`'s pages free beside it, evicting idle adapters for them
+        (no running sequence, pin or copy holds them; first those with no queued requests, then
+        least recently used) only if that makes enough room. Otherwise reserve busy unpinned
+        adapters, least recently used first, until their pages with the free and idle ones
+        would do: they take no new sequences, so they free up for the waiting adapter instead
+        of serving newer requests forever."""
+        free = next((s for s in self._slots.all if s.state is SlotState.FREE), None)
+        idle = sorted((s for s in self._slots.all
+                       if s.state in (SlotState.READY, SlotState.RESERVED) and s.owner.active == 0
+                       and not s.owner.pinned and s.index not in fresh),
+                      key=lambda s: (s.owner.refcount > 0, s.owner.last_used, s.index))
+        room, evict = self.pool.pages_free, []
+        for slot in idle:
+            if free is not None and room >= entry.pages:
+                break
+            evict.append(slot)
+            room += slot.owner.pages
+            free = free or slot
+        if free is not None and room >= entry.pages:
+            for slot in evict:
+                self._emit("evict_gpu", slot.owner.name)
+                self._free_gpu(slot)
+            return free
+        reserved = [s for s in self._slots.all if s.state is SlotState.RESERVED and s not in idle]
+        room += sum(s.owner.pages for s in reserved)
+        busy = sorted((s for s in self._slots.all if s.state is SlotState.READY and not s.owner.pinned
+                       and s.owner.active > 0 and s.index not in fresh),
+                      key=lambda s: (s.owner.last_used, s.index))
+        for slot in busy:
+            if (free is not None or reserved) and room >= entry.pages:
+                break
+            self._slots.reserve(slot)
+            reserved.append(slot)
+            room += slot.owner.pages
         return None
 
     def _end_needless_reservation(self) -> None:
-        """A reservation stands only while an adapter without a slot waits for one."""
-        slot = self._slots.reserved()
-        if slot is not None and all(self._slots.of(e) is not None for e in self._wanted):
-            self._slots.unreserve(slot)
+        """Reservations stand only while an adapter without a slot waits for room."""
+        if all(self._slots.of(e) is not None for e in self._wanted):
+            for slot in self._slots.all:
+                if slot.state is SlotState.RESERVED:
+                    self._slots.unreserve(slot)
 
     def _end_waits_no_slot_can_serve(self) -> None:
-        """While every slot holds a pinned adapter no slot frees up (the pin limit should
-        prevent it; this is the backstop): once that has lasted `slot_wait_timeout_s`, the
-        requests waiting for other adapters end with an error instead of waiting forever."""
-        stuck = [e for e in self._wanted if e.refcount > 0 and self._slots.of(e) is None]
-        if not stuck or not all(s.owner is not None and s.owner.pinned for s in self._slots.all):
+        """While pinned adapters hold every slot, or so many pages that a waiting adapter cannot
+        fit beside them, nothing frees up (the pin limits should prevent it; this is the
+        backstop): once that has lasted `slot_wait_timeout_s`, the requests waiting for such
+        adapters end with an error instead of waiting forever."""
+        pinned = [s.owner for s in self._slots.all if s.owner is not None and s.owner.pinned]
+        room = self.pool.num_pages - sum(e.pages for e in pinned)
+        stuck = [e for e in self._wanted if e.refcount > 0 and self._slots.of(e) is None
+                 and (len(pinned) == self.num_slots or e.pages > room)]
+        if not stuck:
             self._all_pinned_since = None
             return
         now = time.monotonic()
@@ -721,18 +829,19 @@ class AdapterRegistry:
         if now - self._all_pinned_since < self.config.slot_wait_timeout_s:
             return
         self._all_pinned_since = None
-        log.warning("every GPU slot has held a pinned adapter for %.0f s: ending the requests for %s",
+        log.warning("pinned adapters have held the GPU for %.0f s: ending the requests for %s",
                     self.config.slot_wait_timeout_s, ", ".join(e.name for e in stuck))
         for entry in stuck:
             self._wanted.remove(entry)
-            message = (f"adapter {entry.name!r} cannot get a GPU slot: all {self.num_slots} hold pinned "
-                       f"adapters (unpin one)")
+            message = (f"adapter {entry.name!r} cannot get a GPU slot: pinned adapters hold {len(pinned)} of "
+                       f"{self.num_slots} slots and {_mb((self.pool.num_pages - room) * self.pool.page_bytes)} of "
+                       f"{_mb(self.pool.num_pages * self.pool.page_bytes)} of GPU adapter memory (unpin one)")
             self._ends.append((entry, FinishReason.ERROR, message))
 
     def _read_to_host(self, entry: AdapterEntry) -> None:
-        """Loader thread: disk -> host row for an entry a request is waiting for."""
+        """Loader thread: disk -> host copy for an entry a request is waiting for."""
         try:
-            _, row, read_seconds = self._read_to_row(entry)
+            _, packed, read_seconds = self._read_to_host_copy(entry)
         except Exception as exc:
             log.error("adapter %s: page-in from %s failed: %s", entry.name, entry.path, exc)
             with self._lock:
@@ -748,11 +857,15 @@ class AdapterRegistry:
         with self._lock:
             entry.reading = False
             if entry.state == "gone" or entry.host is not None:
-                self._give_row(row)
+                self._settle_claim(None, entry)
                 return
-            entry.host, entry.read_seconds, entry.error, entry.from_disk = row, read_seconds, None, True
-            self._host[entry] = None
+            entry.read_seconds, entry.error, entry.from_disk = read_seconds, None, True
+            self._settle_claim(packed, entry)
             self._emit("load_host", entry.name, read_seconds)
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
 
 
 def _safe_dirname(name: str) -> str:

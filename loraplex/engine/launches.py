@@ -22,8 +22,9 @@ from typing import Iterator
 
 import torch
 
-from ..kernels import attention, lora, nf4_matmul
-from ..kernels.lora import BatchMeta, LoRAStack
+from ..kernels import attention, lora, lora_paged, nf4_matmul
+from ..kernels.lora import BatchMeta
+from ..kernels.lora_paged import PagedLoRA
 from ..kernels.nf4_matmul import PlanTable
 from ..kernels.workspace import Need, Workspace
 from ..model.layers import QuantLinear
@@ -48,9 +49,9 @@ def plan_table(model: CausalLM, limits: StepLimits) -> PlanTable:
 # -- what each kernel can be asked for ------------------------------------------------------
 
 
-def _stacks(model: CausalLM) -> list[LoRAStack]:
-    """One LoRA stack per distinct geometry (they launch alike)."""
-    seen: dict[tuple, LoRAStack] = {}
+def _stacks(model: CausalLM) -> list[PagedLoRA]:
+    """One LoRA view per distinct geometry (they launch alike)."""
+    seen: dict[tuple, PagedLoRA] = {}
     for linear in model.linears().values():
         stack = linear.lora
         if stack is not None:
@@ -68,11 +69,11 @@ def _linears(model: CausalLM) -> list[QuantLinear]:
     return list(seen.values())
 
 
-def _shrink_variants(stack: LoRAStack, limits: StepLimits,
+def _shrink_variants(stack: PagedLoRA, limits: StepLimits,
                      device: torch.device) -> Iterator[tuple[int, lora.ShrinkLaunch]]:
     """(token count, launch) for every token count a step can have."""
     for t in range(1, limits.max_tokens + 1):
-        yield t, lora.shrink_launch(stack, t, device)
+        yield t, lora_paged.paged_shrink_launch(stack, t, device)
 
 
 def _decode_variants(model: CausalLM, limits: StepLimits) -> Iterator[tuple[int, int, int]]:
@@ -130,8 +131,8 @@ def warm_up_kernels(model: CausalLM, limits: StepLimits, plans: PlanTable, works
         for t in variants.values():
             meta = BatchMeta.build(torch.zeros(t, dtype=torch.int32, device=dev), stack.num_slots)
             y = torch.zeros(t, stack.out_features, device=dev, dtype=dtype)
-            lora.apply_lora(torch.randn(t, stack.in_features, device=dev, dtype=dtype), y, stack, meta,
-                            workspace=workspace)
+            lora_paged.apply_paged_lora(torch.randn(t, stack.in_features, device=dev, dtype=dtype), y, stack,
+                                        meta, workspace=workspace)
             launches += 2
     c, attn = model.config, model.layers[0].self_attn
     splits: dict[int, tuple[int, int]] = {}

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ..kernels.fused import add_rms_norm
-from ..kernels.lora import BatchMeta, LoRAStack, apply_lora
+from ..kernels.lora import BatchMeta
+from ..kernels.lora_paged import PagedLoRA, apply_paged_lora
 from ..kernels.nf4 import NF4Weight
 from ..kernels.nf4_matmul import PlanTable, nf4_matmul
 from ..kernels.workspace import Workspace
@@ -18,7 +19,7 @@ class QuantLinear(nn.Module):
     W is one NF4 weight per part: a fused projection (q/k/v, gate/up) keeps its parts as the
     checkpoint quantized them (each with its own double-quant scales, so bitsandbytes
     checkpoints load without re-quantizing) and writes their outputs side by side. The LoRA
-    delta of all parts is one shrink and one expand over a stack with one slice per part.
+    delta of all parts is one shrink and one expand over paged adapter memory, one slice per part.
     An engine binds its plan table and workspace (`bind_kernels`); unbound, the kernels pick
     plans and scratch themselves (tests, scripts).
     """
@@ -34,7 +35,7 @@ class QuantLinear(nn.Module):
         self.in_features = in_features.pop()
         self.slices = tuple(w.shape[0] for w in parts)
         self.out_features = sum(self.slices)
-        self.lora: LoRAStack | None = None
+        self.lora: PagedLoRA | None = None
         self.plans: PlanTable | None = None
         self.workspace: Workspace | None = None
 
@@ -47,7 +48,7 @@ class QuantLinear(nn.Module):
                 for w, b in zip(self.parts, self.biases)]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         if self.lora is not None and lora is not None:
-            apply_lora(x, y, self.lora, lora, workspace=self.workspace)
+            apply_paged_lora(x, y, self.lora, lora, workspace=self.workspace)
         return y
 
     def resident_bytes(self) -> int:

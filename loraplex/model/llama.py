@@ -13,7 +13,7 @@ from torch import nn
 
 from ..kernels.fused import rope_write_kv, silu_mul
 from ..kernels.lora import BatchMeta
-from ..kernels.lora_slots import LoRASlotPool, Projection
+from ..kernels.lora_pool import LoRAPagePool, Projection, full_adapter_pages
 from ..kernels.nf4_matmul import PlanTable
 from ..kernels.workspace import Workspace
 from .attention import paged_attention
@@ -102,7 +102,7 @@ class CausalLM(nn.Module):
         self.dtype, self.device = embed.dtype, embed.device
         self.cos_table, self.sin_table = cos, sin  # [max_model_len, head_dim] fp32
         self.lora_slots = 0
-        self.lora_pool: LoRASlotPool | None = None
+        self.lora_pool: LoRAPagePool | None = None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, step: StepMeta) -> torch.Tensor:
@@ -159,12 +159,15 @@ class CausalLM(nn.Module):
                 out.append((linear, Projection(keys, linear.in_features, linear.slices)))
         return out
 
-    def allocate_lora(self, slots: int, max_rank: int) -> LoRASlotPool:
-        """Pre-allocate `slots` GPU adapter slots of rank capacity `max_rank` in every linear
-        (one arena, see `LoRASlotPool`). Allocate before capturing CUDA graphs: they bake it in."""
-        projections = self.lora_projections()
-        self.lora_pool = LoRASlotPool([p for _, p in projections], slots, max_rank, self.dtype, self.device)
-        for (linear, _), stack in zip(projections, self.lora_pool.stacks):
+    def allocate_lora(self, slots: int, max_rank: int, num_pages: int | None = None) -> LoRAPagePool:
+        """Pre-allocate paged adapter memory: `num_pages` pages (default: room for `slots`
+        adapters of rank `max_rank` on every linear), `slots` slot records, ranks up to
+        `max_rank` (see `LoRAPagePool`). Allocate before capturing CUDA graphs: they bake it in."""
+        projections = [p for _, p in self.lora_projections()]
+        if num_pages is None:
+            num_pages = slots * full_adapter_pages(projections, max_rank)
+        self.lora_pool = LoRAPagePool(projections, slots, max_rank, num_pages, self.dtype, self.device)
+        for (linear, _), stack in zip(self.lora_projections(), self.lora_pool.stacks):
             linear.lora = stack
         self.lora_slots = slots
         return self.lora_pool

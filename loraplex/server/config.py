@@ -55,9 +55,11 @@ class ServerConfig:
     enforce_eager: bool = False                  # no CUDA graphs
     async_scheduling: str = "auto"               # one engine step in flight: auto (= on CUDA), on, off
     engine_process: bool = True                  # the engine in its own process (False: on a thread here)
-    max_gpu_adapters: int = 8
-    max_host_adapters: int = 32
-    max_rank: int = 16
+    max_gpu_adapters: int = 64                   # adapters resident on the GPU at once (slot records)
+    max_host_adapters: int = 256                 # adapters kept in host memory
+    max_rank: int = 256                          # largest LoRA rank accepted
+    max_gpu_adapter_memory: int | None = None    # bytes of GPU adapter pages; None = AUTO_ADAPTERS_GPU sized ones
+    max_host_adapter_memory: int | None = None   # bytes of host adapter copies; None = AUTO_ADAPTERS_HOST sized ones
     adapter_roots: list[str] = field(default_factory=list)
     lora_resolve_roots: list[str] = field(default_factory=list)  # adapters loaded on their first request
     chat_template: str | None = None             # the template's text (--chat-template); None = the tokenizer's
@@ -88,6 +90,14 @@ class ServerConfig:
     enable_ssl_refresh: bool = False             # reload the key and certificates when their files change
     notes: list[str] = field(default_factory=list)  # warnings to log at startup (accepted vLLM flags, ...)
 
+    def gpu_adapter_bytes(self, model) -> int:
+        """--max-gpu-adapter-memory, or room for AUTO_ADAPTERS_GPU adapters of rank AUTO_RANK on
+        every linear of `model` (what as many pre-allocated slots took before memory was paged)."""
+        return self.max_gpu_adapter_memory or AUTO_ADAPTERS_GPU * auto_adapter_bytes(model)
+
+    def host_adapter_bytes(self, model) -> int:
+        return self.max_host_adapter_memory or AUTO_ADAPTERS_HOST * auto_adapter_bytes(model)
+
     def check(self) -> None:
         """Refuse settings that cannot work, with the flag's name in the message."""
         if self.async_scheduling not in ("auto", "on", "off"):
@@ -103,6 +113,8 @@ class ServerConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be >= --max-num-seqs "
                              f"({self.max_num_seqs}): every running sequence decodes one token per step")
+        if self.max_rank > 1024:
+            raise ValueError("--max-rank must be at most 1024")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError("--gpu-memory-fraction must be in (0, 1]")
         for root in self.adapter_roots:
@@ -130,6 +142,33 @@ class ServerConfig:
                 raise ValueError(f"--{flag_name.replace('_', '-')} {path!r} is not a file")
         if self.enable_ssl_refresh and self.ssl_certfile is None:
             raise ValueError("--enable-ssl-refresh needs --ssl-certfile and --ssl-keyfile")
+
+
+AUTO_RANK, AUTO_ADAPTERS_GPU, AUTO_ADAPTERS_HOST = 16, 8, 32
+
+
+def auto_adapter_bytes(model) -> int:
+    """Bytes of a rank-AUTO_RANK adapter on every linear of `model` (the adapter memory defaults' unit)."""
+    from ..kernels.lora_pool import full_adapter_pages, page_width_for
+
+    projections = [p for _, p in model.lora_projections()]
+    return full_adapter_pages(projections, AUTO_RANK) * page_width_for(projections) * model.dtype.itemsize
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """A size: bytes, or a number with K, M, G or T (powers of 1024; "GiB", "GB" and "G" alike)."""
+    value = str(text).strip().lower().removesuffix("b").removesuffix("i")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4096, 512MiB, 8GiB)") from None
+    if not number > 0 or number * _UNITS[unit] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be at least 1 byte")
+    return int(number * _UNITS[unit])
 
 
 def check_fp32_on_cuda() -> None:
@@ -429,11 +468,20 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         f"[env {_var('enable-prefix-caching')}=1|0; default on]")
     switch("engine-in-process", "run the engine on a thread of the API server's process instead of its own "
                                 "process (they then share one GIL: slower serving; for debugging)")
-    flag("max-gpu-adapters", "adapters resident on the GPU at once (pre-allocated slots)", type=int,
+    flag("max-gpu-adapters", "most adapters resident on the GPU at once (slot records, a few hundred bytes "
+                             "each; --max-gpu-adapter-memory is what usually binds)", type=int,
          default=d.max_gpu_adapters, aliases=("--max-loras",))
-    flag("max-host-adapters", "adapters kept in pinned host memory; the rest stay on disk", type=int,
+    flag("max-gpu-adapter-memory", "GPU memory for adapter weights, in pages of real ranks on the linears each "
+                                   "adapter targets: a rank-8 q/v adapter costs what it weighs. A size: bytes or "
+                                   "K/M/G suffixes (powers of 1024). Default: what 8 adapters of rank 16 on "
+                                   "every linear take", type=parse_bytes, default=None, metavar="SIZE")
+    flag("max-host-adapters", "most adapters kept in pinned host memory; the rest stay on disk", type=int,
          default=d.max_host_adapters, aliases=("--max-cpu-loras",))
-    flag("max-rank", "largest LoRA rank accepted (slot capacity)", type=int, default=d.max_rank,
+    flag("max-host-adapter-memory", "pinned host memory for adapter copies (same format as on the GPU, so a "
+                                    "page-in is one or a few copies). Default: what 32 adapters of rank 16 on "
+                                    "every linear take", type=parse_bytes, default=None, metavar="SIZE")
+    flag("max-rank", "largest LoRA rank accepted, any rank up to it with no restart (costs only the kernels' "
+                     "scratch, not adapter memory); at most 1024", type=int, default=d.max_rank,
          aliases=("--max-lora-rank",))
     p.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=None,
                    help="vLLM's switch, accepted with no effect: adapters are always served (--no-enable-lora "
@@ -603,7 +651,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         async_scheduling=args.async_scheduling,
         engine_process=not args.engine_in_process,
         max_gpu_adapters=args.max_gpu_adapters,
-        max_host_adapters=args.max_host_adapters, max_rank=args.max_rank, adapter_roots=listed("adapter_root"),
+        max_host_adapters=args.max_host_adapters, max_rank=args.max_rank,
+        max_gpu_adapter_memory=args.max_gpu_adapter_memory, max_host_adapter_memory=args.max_host_adapter_memory,
+        adapter_roots=listed("adapter_root"),
         lora_resolve_roots=resolve_roots,
         chat_template=load_chat_template(args.chat_template),
         generation_config=args.generation_config,

@@ -31,7 +31,10 @@ Counters
     loraplex_prefix_cache_hits_total{model}     of those, tokens whose KV blocks were found and reused
 Read from `Snapshot` at scrape time
     loraplex_requests_running, loraplex_requests_waiting, loraplex_kv_cache_usage_ratio (0..1),
-    loraplex_adapters{tier="gpu"|"host"|"disk"}, loraplex_gpu_adapter_slots,
+    loraplex_adapters{tier="gpu"|"host"|"disk"}, loraplex_gpu_adapter_slots (slot records),
+    loraplex_adapter_memory_bytes{tier="gpu"|"host"} and loraplex_adapter_memory_limit_bytes{tier}
+    (adapter memory used and its bound), loraplex_adapter_pages{state="used"|"free"} (GPU pages),
+    loraplex_adapter_resident_bytes{model, tier} (what each adapter holds where),
     loraplex_engine_healthy (1; 0 once the engine process or thread died or the last
     UNHEALTHY_AFTER_FAILED_STEPS steps all failed, as /ready reports), and one counter,
     loraplex_engine_step_failures_total (engine steps that raised; their requests failed)
@@ -43,7 +46,9 @@ use and LoRA affinity routing); same values as above
     vllm:lora_requests_info{max_lora, running_lora_adapters, waiting_lora_adapters} = unix time
     of the scrape; the adapter labels are comma-joined names (one series, always the latest):
     "running" = adapters in GPU slots, ready at once (the extension's protocol), "waiting" =
-    adapters with requests waiting for a slot.
+    adapters with requests waiting for a slot; max_lora = how many adapters the GPU holds at
+    once: the slot records, or as many adapters of the registered ones' mean size as the GPU
+    adapter memory holds, whichever is fewer.
     vllm:cache_config_info{block_size, num_gpu_blocks, enable_prefix_caching} = 1 once the engine
     is up (the picker's prefix-cache scorer reads the block size from it), and
     vllm:prefix_cache_queries_total{model_name}, vllm:prefix_cache_hits_total{model_name}: the
@@ -59,7 +64,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, exposition
@@ -99,12 +104,16 @@ class Snapshot:
     adapters_by_tier: dict[str, int]   # {"gpu": n, "host": n, "disk": n}
     running_adapters: list[str]        # adapters in GPU slots, ready to serve at once
     waiting_adapters: list[str]        # adapters with requests waiting for a slot
-    max_lora: int                      # GPU adapter slots
+    max_lora: int                      # adapters the GPU holds at once (registry `_capacity`)
     engine_healthy: bool = True        # AsyncEngine.health is None (also while the model loads)
     engine_step_failures: int = 0      # engine steps that raised, in all
     block_size: int = 0                # KV cache positions per block (0: no engine yet)
     num_gpu_blocks: int = 0            # KV cache blocks
     prefix_caching: bool = False       # the prefix cache is on
+    gpu_slots: int = 0                 # GPU adapter slot records (the count bound)
+    adapter_memory: dict[str, tuple[int, int]] = field(default_factory=dict)  # tier -> (bytes used, bytes)
+    adapter_pages: tuple[int, int] = (0, 0)  # GPU pages (used, all)
+    adapter_bytes: list[tuple[str, str, int]] = field(default_factory=list)  # (adapter, tier, bytes held)
 
 
 def _label(value) -> str:
@@ -150,7 +159,15 @@ class _SnapshotCollector:
         kv = GaugeMetricFamily("loraplex_kv_cache_usage_ratio", "Share of KV cache blocks in use (0..1).")
         adapters = GaugeMetricFamily("loraplex_adapters", "Registered adapters by where their weights are "
                                      "(gpu slot, pinned host row, disk only).", labels=["tier"])
-        slots = GaugeMetricFamily("loraplex_gpu_adapter_slots", "GPU adapter slots (adapters servable at once).")
+        slots = GaugeMetricFamily("loraplex_gpu_adapter_slots", "GPU adapter slot records: the most adapters "
+                                  "resident at once (their bytes bind first, see loraplex_adapter_memory_bytes).")
+        memory = GaugeMetricFamily("loraplex_adapter_memory_bytes", "Adapter memory in use per tier (gpu: pages "
+                                   "held; host: packed copies).", labels=["tier"])
+        memory_limit = GaugeMetricFamily("loraplex_adapter_memory_limit_bytes", "Adapter memory per tier "
+                                         "(--max-gpu-adapter-memory, --max-host-adapter-memory).", labels=["tier"])
+        pages = GaugeMetricFamily("loraplex_adapter_pages", "GPU adapter memory pages by state.", labels=["state"])
+        held = GaugeMetricFamily("loraplex_adapter_resident_bytes", "Bytes each adapter holds per tier now "
+                                 "(only tiers it is in).", labels=["model", "tier"])
         healthy = GaugeMetricFamily("loraplex_engine_healthy", "1 while the engine serves; 0 once its thread "
                                     "died or its last steps all failed (/ready is 503).")
         step_failures = CounterMetricFamily("loraplex_engine_step_failures", "Engine steps that raised (their "
@@ -176,7 +193,16 @@ class _SnapshotCollector:
             kv.add_metric([], usage)
             for tier in dict.fromkeys((*TIERS, *snap.adapters_by_tier)):
                 adapters.add_metric([tier], float(snap.adapters_by_tier.get(tier, 0)))
-            slots.add_metric([], float(snap.max_lora))
+            slots.add_metric([], float(snap.gpu_slots or snap.max_lora))
+            for tier, (used, limit) in snap.adapter_memory.items():
+                memory.add_metric([tier], float(used))
+                memory_limit.add_metric([tier], float(limit))
+            used_pages, all_pages = snap.adapter_pages
+            if all_pages:
+                pages.add_metric(["used"], float(used_pages))
+                pages.add_metric(["free"], float(all_pages - used_pages))
+            for name, tier, nbytes in snap.adapter_bytes:
+                held.add_metric([name, tier], float(nbytes))
             healthy.add_metric([], float(snap.engine_healthy))
             step_failures.add_metric([], float(snap.engine_step_failures))
             v_running.add_metric(model, float(snap.running))
@@ -187,8 +213,8 @@ class _SnapshotCollector:
                                _joined(snap.waiting_adapters)], time.time())
             if snap.block_size:
                 v_cache.add_metric([str(snap.block_size), str(snap.num_gpu_blocks), str(snap.prefix_caching)], 1.0)
-        return [running, waiting, kv, adapters, slots, healthy, step_failures, v_running, v_waiting, v_kv, v_gpu_kv,
-                v_lora, v_cache]
+        return [running, waiting, kv, adapters, slots, memory, memory_limit, pages, held, healthy, step_failures,
+                v_running, v_waiting, v_kv, v_gpu_kv, v_lora, v_cache]
 
 
 class ServerMetrics:

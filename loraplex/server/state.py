@@ -69,7 +69,8 @@ def build_engine(config: ServerConfig, on_adapter_event=None):
     loaded = load_model(model_dir, dtype=dtype, device=device, progress=True)
     registry = AdapterRegistry(
         loaded.model, BaseModelSpec.from_hf_config(loaded.hf_config),
-        RegistryConfig(gpu_slots=c.max_gpu_adapters, host_slots=c.max_host_adapters, max_rank=c.max_rank),
+        RegistryConfig(gpu_slots=c.max_gpu_adapters, host_slots=c.max_host_adapters, max_rank=c.max_rank,
+                       gpu_bytes=c.gpu_adapter_bytes(loaded.model), host_bytes=c.host_adapter_bytes(loaded.model)),
         on_event=on_adapter_event)
     for name, path in c.adapters.items():
         if name == model_name:
@@ -91,11 +92,17 @@ def take_snapshot(engine: Engine, registry: AdapterRegistry, async_engine: Async
     """The gauges' values, read where the engine runs."""
     usage = registry.usage()
     running, waiting = registry.resident_and_waiting()
+    held = [(a.name, tier, nbytes) for a in registry.list() if a.state != "loading"
+            for tier, nbytes in (("gpu", a.gpu_bytes), ("host", a.host_bytes)) if nbytes]
     return Snapshot(len(engine.scheduler.running), len(engine.scheduler.waiting), engine.allocator.usage(),
                     {t: usage[f"tier_{t}"] for t in ("gpu", "host", "disk")}, running, waiting,
-                    registry.num_slots, engine_healthy=async_engine.health is None,
+                    usage["capacity"], engine_healthy=async_engine.health is None,
                     engine_step_failures=async_engine.step_failures, block_size=engine.allocator.block_size,
-                    num_gpu_blocks=engine.allocator.num_blocks - 1, prefix_caching=engine.prefix_cache is not None)
+                    num_gpu_blocks=engine.allocator.num_blocks - 1, prefix_caching=engine.prefix_cache is not None,
+                    gpu_slots=registry.num_slots,
+                    adapter_memory={"gpu": (usage["gpu_bytes_used"], usage["gpu_bytes"]),
+                                    "host": (usage["host_bytes_used"], usage["host_bytes"])},
+                    adapter_pages=(usage["gpu_pages_used"], usage["gpu_pages"]), adapter_bytes=held)
 
 
 def idle_snapshot(slots: int, healthy: bool = True, step_failures: int = 0) -> Snapshot:

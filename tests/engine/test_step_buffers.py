@@ -75,7 +75,7 @@ def long_lived_buffers(engine: Engine) -> dict[str, tuple]:
         out[f"graph input {name}"] = (t.data_ptr(), t.numel())
     out["kv cache"] = tuple(t.data_ptr() for t in engine.kv_cache.k + engine.kv_cache.v)
     pool = engine.model.lora_pool
-    out["adapter slots"] = tuple(t.data_ptr() for t in (pool.weights, pool.scaling, pool.rank))
+    out["adapter memory"] = tuple(t.data_ptr() for t in (pool.pages, pool.table, pool.info, pool.scaling))
     return out
 
 
@@ -153,7 +153,7 @@ def test_the_warm_up_sweep_meets_what_every_step_size_meets(loaded, gpu_like):
                     attn.scale, engine.workspace)
     assert met <= swept, f"variants the sweep misses: {sorted(met - swept)}"
     assert {v[0] for v in swept} >= {"_nf4_gemv_kernel", "_nf4_gemm_kernel", "_nf4_dequant_kernel",
-                                     "_lora_shrink_kernel", "_lora_expand_kernel", "_paged_decode_kernel",
+                                     "_paged_shrink_kernel", "_paged_expand_kernel", "_paged_decode_kernel",
                                      "_split_combine_kernel"}
 
 
