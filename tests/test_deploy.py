@@ -38,7 +38,9 @@ SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",)}
 
 def exported_families() -> dict:
     """Families of a ServerMetrics that has seen one of everything."""
-    m = ServerMetrics(lambda: Snapshot(2, 1, 0.5, {"gpu": 1, "host": 2, "disk": 3}, ["sql"], ["chat"], 4), "base")
+    m = ServerMetrics(lambda: Snapshot(2, 1, 0.5, {"gpu": 1, "host": 2, "disk": 3}, ["sql"], ["chat"], 4,
+                                       adapter_memory={"gpu": (1 << 20, 8 << 20), "host": (2 << 20, 32 << 20)},
+                                       adapter_pages=(512, 4096), adapter_bytes=[("sql", "gpu", 1 << 20)]), "base")
     m.observe_request("sql", "stop", 12, 8, 1.2, 0.1, 0.3)
     m.observe_token_gap(0.02)
     m.observe_error(429)

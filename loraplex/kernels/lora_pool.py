@@ -312,10 +312,10 @@ class LoRAPagePool:
         ids = torch.cat([torch.arange(s, s + length, dtype=torch.int32) for s, length in runs]) if runs \
             else torch.zeros(0, dtype=torch.int32)
         self._table_host[table_start: table_start + n] = ids
-        record = self._record(packed, table_start)
+        record, scaling = self._record(packed, table_start), packed.scaling
         pin = non_blocking and self.device.type == "cuda"
-        if pin:
-            ids, record = ids.pin_memory(), record.pin_memory()
+        if pin:  # the small copies come from pinned memory too, or they would not be asynchronous
+            ids, record, scaling = ids.pin_memory(), record.pin_memory(), scaling.pin_memory()
         offset = 0
         for start, length in runs:
             self.pages[start: start + length].copy_(packed.pages[offset: offset + length], non_blocking=non_blocking)
@@ -323,8 +323,8 @@ class LoRAPagePool:
         if n:
             self.table[table_start: table_start + n].copy_(ids, non_blocking=non_blocking)
         self.info[slot].copy_(record, non_blocking=non_blocking)
-        self.scaling[slot].copy_(packed.scaling, non_blocking=non_blocking)
-        placement = Placement(runs, table_start, n, packed, (ids, record) if pin else ())
+        self.scaling[slot].copy_(scaling, non_blocking=non_blocking)
+        placement = Placement(runs, table_start, n, packed, (ids, record, scaling) if pin else ())
         self.placed[slot] = placement
         return placement
 

@@ -39,7 +39,10 @@ def step(prefill=0, decode=0, adapters=0, seconds=0.01, preempted=0, cache_looku
 def state():
     return {"snap": Snapshot(running=3, waiting=2, kv_cache_usage=0.375,
                              adapters_by_tier={"gpu": 2, "host": 5, "disk": 11},
-                             running_adapters=["sql", "chat"], waiting_adapters=["poem"], max_lora=4)}
+                             running_adapters=["sql", "chat"], waiting_adapters=["poem"], max_lora=4,
+                             gpu_slots=64, adapter_memory={"gpu": (3 << 20, 8 << 20), "host": (5 << 20, 32 << 20)},
+                             adapter_pages=(1536, 4096),
+                             adapter_bytes=[("sql", "gpu", 1 << 20), ("sql", "host", 1 << 20), ("poem", "host", 4096)])}
 
 
 @pytest.fixture
@@ -170,7 +173,14 @@ def test_snapshot_gauges_and_vllm_names(metrics):
     assert value(f, "loraplex_requests_waiting") == 2
     assert value(f, "loraplex_kv_cache_usage_ratio") == 0.375
     assert {s.labels["tier"]: s.value for s in f["loraplex_adapters"].samples} == {"gpu": 2, "host": 5, "disk": 11}
-    assert value(f, "loraplex_gpu_adapter_slots") == 4
+    assert value(f, "loraplex_gpu_adapter_slots") == 64  # slot records; max_lora (4) is what the bytes hold
+    assert {s.labels["tier"]: s.value for s in f["loraplex_adapter_memory_bytes"].samples} == {
+        "gpu": 3 << 20, "host": 5 << 20}
+    assert {s.labels["tier"]: s.value for s in f["loraplex_adapter_memory_limit_bytes"].samples} == {
+        "gpu": 8 << 20, "host": 32 << 20}
+    assert {s.labels["state"]: s.value for s in f["loraplex_adapter_pages"].samples} == {"used": 1536, "free": 2560}
+    assert {(s.labels["model"], s.labels["tier"]): s.value for s in f["loraplex_adapter_resident_bytes"].samples} == {
+        ("sql", "gpu"): 1 << 20, ("sql", "host"): 1 << 20, ("poem", "host"): 4096}
 
     assert f["vllm:num_requests_running"].type == "gauge"
     assert value(f, "vllm:num_requests_running", model_name="llama-base") == 3

@@ -51,6 +51,7 @@ def test_flags_and_environment(monkeypatch, tmp_path):
     ("LORAPLEX_MAX_NUM_SEQS", "abc", "invalid literal for int()"),
     ("LORAPLEX_ENABLE_PREFIX_CACHING", "maybe", "expected 1, true, yes, 0, false or no"),
     ("LORAPLEX_ADAPTER", "no-equals-sign", "expected NAME=PATH"),
+    ("LORAPLEX_MAX_GPU_ADAPTER_MEMORY", "lots", "'lots' is not a size"),
 ])
 def test_a_bad_environment_value_is_a_usage_error_naming_the_variable(monkeypatch, capsys, var, value, message):
     monkeypatch.setenv(var, value)
@@ -58,6 +59,30 @@ def test_a_bad_environment_value_is_a_usage_error_naming_the_variable(monkeypatc
         build_parser().parse_args(["serve"])
     assert exit_.value.code == 2
     assert f"{var}='{value}': {message}" in capsys.readouterr().err
+
+
+def test_adapter_memory_is_sized_in_bytes(monkeypatch, tmp_path):
+    c = parse(["--max-gpu-adapter-memory", "512MiB", "--max-host-adapter-memory", "2g"])
+    assert (c.max_gpu_adapter_memory, c.max_host_adapter_memory) == (512 << 20, 2 << 30)
+    assert parse([], {"LORAPLEX_MAX_GPU_ADAPTER_MEMORY": "1.5GiB"}, monkeypatch).max_gpu_adapter_memory == 3 << 29
+    assert parse(["--max-gpu-adapter-memory", "4096"]).max_gpu_adapter_memory == 4096
+    monkeypatch.delenv("LORAPLEX_MAX_GPU_ADAPTER_MEMORY")
+    d = parse([])
+    assert d.max_gpu_adapter_memory is None and (d.max_gpu_adapters, d.max_host_adapters, d.max_rank) == (64, 256, 256)
+    for size in ("0", "-1G", "2 parsecs"):
+        with pytest.raises(SystemExit):
+            parse(["--max-gpu-adapter-memory", size])
+    with pytest.raises(ValueError, match="--max-rank must be at most 1024"):
+        parse(["--max-rank", "2048"])
+    # the default: what 8 (GPU) and 32 (host) adapters of rank 16 on every linear take
+    from loraplex.model.loader import load_model
+
+    make_model(tmp_path / "m")
+    with runtime.reference_kernels():
+        model = load_model(tmp_path / "m", dtype="fp32", progress=False).model
+    per_adapter = 16 * 4 * sum(len(lin.parts) * lin.in_features + lin.out_features for lin in model.linears().values())
+    assert d.gpu_adapter_bytes(model) == 8 * per_adapter and d.host_adapter_bytes(model) == 32 * per_adapter
+    assert c.gpu_adapter_bytes(model) == 512 << 20
 
 
 def test_prefix_caching_is_on_unless_turned_off(monkeypatch):

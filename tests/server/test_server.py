@@ -364,3 +364,11 @@ def test_metrics_scrape_parses_and_counts(server):
     assert any(name == "loraplex_request_errors_total" for name, _ in samples)
     assert "vllm:num_requests_waiting" in families and "vllm:lora_requests_info" in families
     assert samples[("loraplex_time_to_first_token_seconds_count", ())] >= 1
+    # adapter memory: what "all" holds on the GPU is what the gauges and its info say
+    info = httpx.get(server["url"] + "/admin/adapters/all", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+    assert info["tier"] == "gpu" and info["gpu_bytes"] > 0 and info["pages"] > 0 and info["host_bytes"] > 0
+    assert samples[("loraplex_adapter_resident_bytes", (("model", "all"), ("tier", "gpu")))] == info["gpu_bytes"]
+    assert samples[("loraplex_adapter_memory_bytes", (("tier", "gpu"),))] >= info["gpu_bytes"]
+    assert 0 < samples[("loraplex_adapter_pages", (("state", "used"),))] == \
+        samples[("loraplex_adapter_memory_bytes", (("tier", "gpu"),))] // (info["gpu_bytes"] // info["pages"])
+    assert samples[("loraplex_adapter_memory_limit_bytes", (("tier", "host"),))] >= info["host_bytes"]
