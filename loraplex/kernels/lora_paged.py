@@ -340,7 +340,10 @@ def paged_shrink_launch(stack: PagedLoRA, num_tokens: int, device: torch.device,
     block_r = _rank_tile(stack)
     block_k = _page_block(stack.page_width, config.shrink_block_k or (256 if device.type == "cuda" else 64))
     tiles, r_tiles = max_tiles(t, stack.num_slots, block_t), lr // block_r
-    split = config.shrink_split_k or split_for(tiles * r_tiles, k // block_k, runtime.num_sms(device))
+    # The split is sized for the tiles that work: one rank tile per slice (every rank up to
+    # BLOCK_R), not all L * R / BLOCK_R of the rank bound, whose tiles past the real rank exit
+    # at once. So a rank-16 batch splits as the slot kernels do, whatever the bound.
+    split = config.shrink_split_k or split_for(tiles * stack.num_slices, k // block_k, runtime.num_sms(device))
     return ShrinkLaunch(block_t, block_r, block_k, split, (tiles, r_tiles, split),
                         splitk_needs(split, t * lr, tiles * r_tiles))
 

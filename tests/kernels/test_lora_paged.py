@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from loraplex.kernels import runtime, splitk
-from loraplex.kernels.lora import BatchMeta, LoRAConfig, LoRAStack, apply_lora
+from loraplex.kernels.lora import BatchMeta, LoRAConfig, LoRAStack, apply_lora, shrink_launch
 from loraplex.kernels.lora_paged import (
     PagedLoRA,
     apply_paged_lora,
@@ -406,3 +406,22 @@ def test_cuda_graph_replay():
         graph.replay()
         torch.cuda.synchronize()
         _assert_delta(y, torch.zeros_like(y), x, stack, slot_ids)
+
+
+@pytest.mark.parametrize("t,distinct", [(64, 64), (64, 1), (1, 1), (1024, 8)])
+def test_the_shrink_splits_like_the_slot_kernels_at_rank_16(monkeypatch, t, distinct):
+    """A rank bound of 256 must not change the K split of a rank-16 batch: it is sized for the
+    rank tiles that work (H200-sized grid, Llama-3-8B q/k/v, shapes only)."""
+    monkeypatch.setattr(runtime, "num_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    k, slices, slots = 4096, (4096, 1024, 1024), 64
+    slot_stack = LoRAStack.allocate(slots, k, slices, 16, torch.bfloat16, "meta")
+    c = len(slices) + 2
+    records = torch.zeros(slots, 3, c, dtype=torch.int32, device="meta")
+    paged = PagedLoRA(pages=torch.zeros(1, 1024, dtype=torch.bfloat16, device="meta"),
+                      table=torch.zeros(1, dtype=torch.int32, device="meta"), rank=records[:, 0, :3],
+                      scaling=torch.zeros(slots, c, device="meta")[:, :3], a_start=records[:, 1, :3],
+                      b_start=records[:, 2, :3], slices=slices, slice_starts=torch.zeros(4, dtype=torch.int32),
+                      in_features=k, max_rank=256)
+    slot_plan, paged_plan = shrink_launch(slot_stack, t, cuda), paged_shrink_launch(paged, t, cuda)
+    assert paged_plan.split == slot_plan.split and paged_plan.block_k == slot_plan.block_k == 256
