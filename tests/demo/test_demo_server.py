@@ -57,11 +57,13 @@ def test_register_at_run_time_and_merge(demo):
     admin = httpx.Client(base_url=demo, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
     r = admin.post("/admin/adapters", json={"name": "shout", "path": str(ADAPTERS_DIR / "upper")})
     assert r.status_code == 201, r.text
-    # cat would need rank 32, over the demo's slot capacity of 16: svd keeps the best rank-16 part
+    # cat stacks both rank-16 adapters into rank 32: any rank up to --max-rank serves, paged by
+    # its real size; svd keeps the best rank-16 part instead
     body = {"name": "upper+rot13", "method": "cat", "sources": [{"name": "upper"}, {"name": "rot13"}]}
     r = admin.post("/admin/adapters/merge", json=body)
-    assert r.status_code == 400 and "svd" in r.json()["error"]["message"]
-    r = admin.post("/admin/adapters/merge", json={**body, "method": "svd", "rank": 16})
+    assert r.status_code == 201 and r.json()["rank"] == 32, r.text
+    assert r.json()["pages"] == 2 * admin.get("/admin/adapters/upper").json()["pages"]
+    r = admin.post("/admin/adapters/merge", json={**body, "name": "upper+rot13-svd", "method": "svd", "rank": 16})
     assert r.status_code == 201 and r.json()["rank"] == 16, r.text
     c = openai.OpenAI(base_url=demo + "/v1", api_key="unused", max_retries=0)
     out = c.completions.create(model="shout", prompt=tasks.prompt("hello world"), max_tokens=24, temperature=0)
