@@ -20,7 +20,10 @@ its output in a log, going on past a stage that fails or runs out of time:
                  before cost nothing and a later call can add others
   5 lora         bench/lora.py at its target points: T = 1, 64, 1024 x 1 and 64 distinct rank-16
                  adapters (uniform; target a is T = 64 x 64), the NF4 side by side (b, eager and
-                 CUDA graph); (c) over these points only; --no-tune (plans from stage 4)
+                 CUDA graph); (c) over these points only; the paged kernels at T = 64 x 64 and
+                 x 1 only (targets d, e: paged vs the slot kernels and the byte floor); page-in of
+                 a rank-8 q/v adapter vs a slot row copy (pinned -> GPU); 15 timing samples (not 30:
+                 room for the paged points in the cap); --no-tune (plans from stage 4)
   6 attention    bench/attention.py at its defaults: paged prefill attention, a 2,048-token chunk
                  at contexts 4k, 32k, 128k (Llama-3.1-8B heads: 32 / 8 kv, D 128, bf16, block 16),
                  ours against gather + SDPA (and flash-attn where importable): time, TB/s, TFLOP/s
@@ -230,7 +233,7 @@ def stage_command(key: str, ctx: Context) -> list[str]:
         if dry:
             return [py, "bench/lora.py", "--smoke", "--json", out]
         return [py, "bench/lora.py", "--ts", "1,64,1024", "--distinct", "1,64", "--ranks", "16", "--assign", "uniform",
-                "--no-tune", "--json", out]
+                "--paged", "targets", "--samples", "15", "--no-tune", "--json", out]
     if key == "attention":
         return [py, "bench/attention.py", *(["--smoke"] if dry else []), "--json", out]
     if key == "prefix":
@@ -347,6 +350,17 @@ def prefix_figures(report: dict) -> tuple[str, list[str]]:
     return line, list(report.get("lines", []))
 
 
+def lora_paged_figures(report: dict) -> str:
+    """The paged kernels over the slot kernels at their worst (targets d), and the page-in."""
+    paged = [row["paged_over_ours"] for row in report["rows"] if row.get("paged_over_ours") is not None]
+    line = f"; paged/slots <= {max(paged):.2f}" if paged else ""
+    for p in report.get("page_in", []):
+        names = ["paged" if x["capacity"] is None else f"row@{x['capacity']}" for x in p["paths"]]
+        line += f"; page-in r{p['rank']} q/v: " + ", ".join(
+            f"{name} {x['us']:.0f} us" for name, x in zip(names, p["paths"]))
+    return line
+
+
 def figures(r: Result, ctx: Context) -> None:
     """Fill r.figures (one line) and r.details from what the stage wrote."""
     report = load_json(ctx.json_path(r.key))
@@ -384,7 +398,7 @@ def figures(r: Result, ctx: Context) -> None:
         a = [row for row in report["rows"] if (row["t"], row["distinct"]) == (64, 64)]
         r.figures = (f"{targets_met(report)}; {len(report['rows'])} points"
                      + (f"; T=64 x 64 adapters: x{min(row['us_loop'] / row['us_ours'] for row in a):.0f} "
-                        f"over the loop at worst" if a else ""))
+                        f"over the loop at worst" if a else "") + lora_paged_figures(report))
         r.details = target_lines(report) + [f"(c) violation: {v}" for v in report.get("violations", [])]
     elif r.key == "e2e" and report:
         from bench.e2e import target_run

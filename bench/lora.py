@@ -1,4 +1,4 @@
-"""Benchmark loraplex's batched multi-adapter LoRA against a per-adapter loop and gathered bmm.
+"""Benchmark loraplex's multi-adapter LoRA, slot and paged kernels, against a per-adapter loop and bmm.
 
 For the projections of Llama-2-7B (q/k/v fused into one stack of three slices, o, gate/up
 fused into two slices, down), T tokens in {1, 16, 64, 256, 1024}, {1, 8, 64} distinct
@@ -14,23 +14,51 @@ slots, one run measures per point (time to add every token's delta into y):
             gathered from the stack, `torch.bmm` shrink, then per slice a scaled bmm expand
             added into y; base-model tokens (slot -1) use slot 0 with zero scaling. Skipped
             ("skip (memory)") when the gathered tensors would exceed --bmm-limit-bytes.
-3. ours     `apply_lora(x, y, stack, meta)`, with `meta = BatchMeta.build(...)` made
-            outside the timed region (the engine builds it once per step for all layers);
-            the time of `BatchMeta.build` itself is reported once per T.
-4. floor    bytes that must move: the present adapters' A and B at their real rank over
+3. ours     the slot kernels: `apply_lora(x, y, stack, meta)` on the stack (rank capacity
+            R = padded_rank(rank)), with `meta = BatchMeta.build(...)` made outside the timed
+            region (the engine builds it once per step for all layers); the time of
+            `BatchMeta.build` itself is reported once per T.
+4. paged    `apply_paged_lora(x, y, pool view, meta)` on a `LoRAPagePool` holding the same
+            adapters (the same meta): each slot packed and put in through `LoRAPagePool.load`
+            in shuffled slot order, then every page moved to a random place and the table
+            rewritten (scattered pages: no rank-row's pages are neighbours). The pool's rank
+            bound is 256 (the server's default), so the wider h and rank grid are paid for.
+            `--paged all` (default) times it at every point, `--paged targets` only at the
+            points of targets (d) and (e), `--paged none` nowhere.
+5. floor    bytes that must move: the present adapters' A and B at their real rank over
             all slices (adapters * rank * (K * L + N) * 2), x read once (T * K * 2) and y
             read + written (2 * T * N * 2), over the copy bandwidth of a 1 GiB clone
-            measured in the same run.
+            measured in the same run. The same floor serves both kernels.
 
-It prints per point the three times (us), ours' speed-up over the loop and over bmm, and
-ours / floor. Side by side with NF4: for Llama-2-7B o_proj (N = K = 4096) at M = T = 64
-with one rank-16 adapter, `nf4_matmul(x, w)` alone vs `nf4_matmul` + `apply_lora`, eager
-and captured in a CUDA graph; the added fraction is reported. Targets (PASS/FAIL):
+It prints per point the times (us), ours' speed-up over the loop and over bmm, ours / floor,
+paged / ours and paged / floor. Side by side with NF4: for Llama-2-7B o_proj (N = K = 4096)
+at M = T = 64 with one rank-16 adapter, `nf4_matmul(x, w)` alone vs `nf4_matmul` +
+`apply_lora`, eager and captured in a CUDA graph; the added fraction is reported.
+
+Adapter memory (arithmetic, no GPU; `--memory` prints only this, and every run prints it):
+for 8 GiB of bf16 adapter memory on Llama-2-7B and Llama-3-8B (32 layers, shapes of MODELS),
+(i) slots: every slot is a full row on all linears at rank capacity 64 (what accepting ranks
+up to 64 takes; 16 for reference), adapters = 8 GiB // row bytes; (ii) paged: ranks
+{4, 8, 16, 32, 64} x targets {q/v, all-linear} in turn, each taking `LoRAPagePool.pages_for`
+pages of the real page width, until the next does not fit. Per kind, its pages and MB
+against the slot row; the page width, bytes per page and the page table beside the pages.
+
+Page-in (`--page-in` prints only this, for --models; a run prints it for its first model,
+unless --no-page-in): a rank-8 q/v-only adapter through `LoRAPagePool.load` from its
+`PackedAdapter` (a pool sized for it; copies = its page runs + table, record and scaling)
+against one slot row `Tensor.copy_` at capacity 16 and 64 on all linears, real shapes. CUDA:
+pinned host -> GPU, non_blocking, the `loop` timer below; CPU: host -> host on one
+thread, wall clock, median of 9. Each rotates among copies exceeding --l2-bytes.
+
+Targets (PASS/FAIL):
 
 (a) T = 64, 64 distinct rank-16 adapters, uniform, each projection: ours >= 100x faster
     than the loop, and ours <= 1.5x the byte floor
 (b) NF4 side by side: LoRA adds <= 10% to the NF4 product (eager and CUDA graph)
 (c) ours never slower than gathered bmm at any point of the grid (violations listed)
+(d) at (a)'s point and at T = 64 on one rank-16 adapter, each projection: paged <= 1.1x
+    the slot kernels' time
+(e) same points: paged <= 1.65x the byte floor (1.1x (a)'s 1.5x)
 
 Timing: as in bench/nf4_matmul.py (whose timers, copy bandwidth, graph capture and target
 helpers this script imports). Every method rotates among enough copies of the stacked
@@ -38,17 +66,20 @@ weights (and, side by side, of the NF4 weight) that their total exceeds --l2-byt
 each call reads HBM. `loop` timer: CUDA events around back-to-back calls, median of
 --samples samples (the per-adapter loop, whose calls take milliseconds, uses
 --loop-samples). Before timing, each point is checked on a sample of up to 32 tokens: ours,
-the loop and bmm against `lora_delta_ref` (relative error of the delta <= 2e-2); a mismatch
-aborts the run.
+paged, the loop and bmm against `lora_delta_ref` of the slot stack (relative error of the
+delta <= 2e-2); a mismatch aborts the run.
 
 Run:
     python bench/lora.py                      # on a CUDA GPU machine (full run)
     python bench/lora.py --ts 64 --distinct 64 --ranks 16 --assign uniform   # target (a) only
+    python bench/lora.py --memory             # anywhere: adapters per 8 GiB, slots vs pages
+    python bench/lora.py --page-in --models llama2-7b,llama3-8b   # anywhere: page-in vs row copy
     python bench/lora.py --smoke              # anywhere (CPU): harness check only
     TRITON_INTERPRET=1 python bench/lora.py --smoke   # real Triton kernels, interpreted
 `--smoke` uses tiny shapes (K = 128, slices (64, 32, 32) and (64,)), T in {1, 16}, 1 or 4
 adapters, rank 16, S = 8, every 4th token on the base model, wall-clock timing, no tuning
-and no CUDA graph; its numbers say nothing about performance.
+and no CUDA graph, paged at targets (d)/(e)'s points (T = 16 on 4 adapters and on one), and
+page-in on a 2-layer model of those shapes; its numbers say nothing about performance.
 """
 
 from __future__ import annotations
@@ -63,6 +94,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -70,10 +102,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
 from loraplex.kernels import runtime  # noqa: E402
-from loraplex.kernels.lora import BatchMeta, LoRAStack, apply_lora, lora_delta_ref  # noqa: E402
+from loraplex.kernels.lora import BatchMeta, LoRAStack, apply_lora, lora_delta_ref, padded_rank  # noqa: E402
+from loraplex.kernels.lora_paged import PagedLoRA, apply_paged_lora  # noqa: E402
+from loraplex.kernels.lora_pool import LoRAPagePool, Projection, full_adapter_pages  # noqa: E402
 from loraplex.kernels.nf4 import quantize_nf4  # noqa: E402
 from loraplex.kernels.nf4_matmul import nf4_matmul, tune  # noqa: E402
 from loraplex.kernels.workspace import Workspace  # noqa: E402
+from loraplex.model.llama import FUSED_LINEARS  # noqa: E402
 
 from bench.nf4_matmul import (Target, bench_device, capture, copies_for, copy_bandwidth, fmt,  # noqa: E402
                               loop_timer, markdown, plan_label, rel_error, wall_timer)
@@ -86,14 +121,27 @@ MODELS: dict[str, dict[str, tuple[int, tuple[int, ...]]]] = {
                   "gate_up": (4096, (14336, 14336)), "down": (14336, (4096,))},
 }
 SMOKE_MODELS = {"smoke": {"qkv": (128, (64, 32, 32)), "o": (128, (64,))}}
-FULL = dict(ts=(1, 16, 64, 256, 1024), distinct=(1, 8, 64), ranks=(16, 64), slots=64, side_m=64)
-SMOKE = dict(ts=(1, 16), distinct=(1, 4), ranks=(16,), slots=8, side_m=16)
+FULL = dict(ts=(1, 16, 64, 256, 1024), distinct=(1, 8, 64), ranks=(16, 64), slots=64, side_m=64, paged="all")
+SMOKE = dict(ts=(1, 16), distinct=(1, 4), ranks=(16,), slots=8, side_m=16, paged="targets")
 ASSIGNS = ("uniform", "zipf")
 DTYPE = torch.bfloat16
 REL_TOL = 2e-2   # ||delta - ref|| / ||ref|| on the sampled tokens
 CHECK_TOKENS = 32
 SIDE_MODEL = "llama2-7b"
 SIDE_RANK = 16
+LAYERS = {"llama2-7b": 32, "llama3-8b": 32, "smoke": 2}
+# MODELS' projections by their names in the model (FUSED_LINEARS: the HF linears each holds)
+PROJ_MODULE = {"qkv": "qkv_proj", "o": "o_proj", "gate_up": "gate_up_proj", "down": "down_proj"}
+PAGED_MAX_RANK = 256      # the server's default rank bound: the paged kernels' h and rank grid span it
+PAGED_WHERE = {"all": "every point", "targets": "the points of targets (d) and (e)", "none": "no point"}
+SLOT_FLOOR_GOAL = 1.5     # target (a): slot kernels / byte floor
+PAGED_GOAL = 1.1          # targets (d), (e): paged within 10% of the slot kernels and of their floor goal
+MEMORY_BYTES = 8 << 30    # adapter memory of the memory figures
+MEMORY_RANKS = (4, 8, 16, 32, 64)
+MEMORY_TARGETS = ("q/v", "all-linear")
+SLOT_CAPACITIES = (64, 16)  # 64: what accepting ranks up to 64 takes; 16: for reference
+QV_KEYS = ("self_attn.q_proj", "self_attn.v_proj")
+PAGE_IN_RANK = 8          # page-in: a rank-8 q/v-only adapter
 
 
 # ----------------------------------------------------------------------------------------
@@ -130,6 +178,8 @@ def header_lines(env: dict[str, str], args) -> list[str]:
         f"timer {args.timer} | samples {args.samples} (loop method {args.loop_samples})"
         f" | l2-bytes {args.l2_bytes} | slots {args.slots} | bmm-limit-bytes {args.bmm_limit_bytes}"
         f" | base tokens every {args.base_every or '-'}",
+        f"paged kernels timed at {PAGED_WHERE[args.paged]} (pool max rank {PAGED_MAX_RANK}, "
+        f"pages scattered at random)",
     ]
 
 
@@ -152,6 +202,43 @@ def make_stacks(k: int, slices: tuple[int, ...], rank: int, slots: int, device: 
     copies = [stack] + [dataclasses.replace(stack, a=stack.a.clone(), b=stack.b.clone())
                         for _ in range(copies_for(per_copy, l2_bytes) - 1)]
     return copies
+
+
+def slot_modules(stack: LoRAStack, slot: int, keys: tuple[str, ...]) -> dict[str, SimpleNamespace]:
+    """The adapter in one slot of a stack as `LoRAPagePool.pack` takes it (host tensors)."""
+    r_max, starts = stack.max_rank, stack.slice_starts.tolist()
+    ranks, scalings = stack.rank[slot].tolist(), stack.scaling[slot].tolist()
+    return {key: SimpleNamespace(a=stack.a[slot, l * r_max: l * r_max + r].cpu(),
+                                 b=stack.b[slot, starts[l]: starts[l + 1], :r].cpu(), scaling=scalings[l])
+            for l, (key, r) in enumerate(zip(keys, ranks)) if r}
+
+
+def scatter(pool: LoRAPagePool, g: torch.Generator) -> None:
+    """Move every page to a random place and rewrite the table to match: no rank-row's pages
+    are neighbours any more (the kernels' worst case). The pool's host mirror of the table
+    goes stale, which only compaction reads: these pools are never compacted."""
+    perm = torch.randperm(pool.num_pages, generator=g).to(pool.device)
+    pool.pages[perm] = pool.pages.clone()
+    pool.table.copy_(perm[pool.table.long()].to(torch.int32))
+
+
+def make_paged(stack: LoRAStack, proj: str, k: int, slices: tuple[int, ...], device: torch.device,
+               l2_bytes: int, seed: int) -> list[PagedLoRA]:
+    """A page pool (rank bound PAGED_MAX_RANK) holding `stack`'s adapters: each slot packed and
+    loaded through `LoRAPagePool.load` in shuffled slot order, then the pages scattered; plus
+    clones of pages and table until all copies together exceed `l2_bytes`."""
+    projection = Projection(tuple(f"{proj}.{l}" for l in range(len(slices))), k, slices)
+    top = int(stack.rank.max())
+    pool = LoRAPagePool([projection], stack.num_slots, PAGED_MAX_RANK,
+                        stack.num_slots * full_adapter_pages([projection], top), DTYPE, device)
+    g = torch.Generator().manual_seed(seed)
+    for s in torch.randperm(stack.num_slots, generator=g).tolist():
+        pool.load(s, pool.pack(slot_modules(stack, s, projection.keys), pin=False))
+    scatter(pool, g)
+    view = pool.stacks[0]
+    per_copy = view.pages.numel() * view.pages.element_size() + view.table.numel() * 4
+    return [view] + [dataclasses.replace(view, pages=view.pages.clone(), table=view.table.clone())
+                     for _ in range(copies_for(per_copy, l2_bytes) - 1)]
 
 
 def assign(t: int, distinct: int, how: str, zipf_s: float, base_every: int, seed: int) -> list[int]:
@@ -231,6 +318,11 @@ def ours_fn(x: torch.Tensor, y: torch.Tensor, stack: LoRAStack,
     return lambda: apply_lora(x, y, stack, meta)
 
 
+def paged_fn(x: torch.Tensor, y: torch.Tensor, stack: PagedLoRA,
+             meta: BatchMeta) -> Callable[[], torch.Tensor]:
+    return lambda: apply_paged_lora(x, y, stack, meta)
+
+
 # ----------------------------------------------------------------------------------------
 # One point
 # ----------------------------------------------------------------------------------------
@@ -257,8 +349,15 @@ def floor_bytes(present: int, rank: int, k: int, slices: tuple[int, ...],
     return weights, acts
 
 
+def paged_here(t: int, distinct: int, how: str, rank: int, args) -> bool:
+    """Whether this point times the paged kernels (--paged all, or targets: the (d)/(e) points)."""
+    return args.paged == "all" or (args.paged == "targets" and how == "uniform"
+                                   and (t, distinct, rank) in args.paged_points)
+
+
 def measure_point(model: str, proj: str, k: int, slices: tuple[int, ...], rank: int, stacks: list[LoRAStack],
-                  t: int, distinct: int, how: str, device: torch.device, args, copy_bw: float) -> dict:
+                  paged: list[PagedLoRA] | None, t: int, distinct: int, how: str, device: torch.device, args,
+                  copy_bw: float) -> dict:
     timer, slow_timer = args.timer_fn, args.slow_timer_fn
     n = sum(slices)
     host_ids = assign(t, distinct, how, args.zipf_s, args.base_every, point_seed(args.seed, t, distinct, how))
@@ -285,10 +384,15 @@ def measure_point(model: str, proj: str, k: int, slices: tuple[int, ...], rank: 
         bmm=check(name, "gathered bmm", lambda y0: bmm_fn(x, y0, stacks[0], sid, live), x, n, sample, ref)
         if do_bmm else None,
     )
+    do_paged = paged is not None and paged_here(t, distinct, how, rank, args)
+    if do_paged:  # the same adapters in pages: the slots' oracle holds for them too
+        errs["paged"] = check(name, "apply_paged_lora", lambda y0: paged_fn(x, y0, paged[0], meta),
+                              x, n, sample, ref)
 
     y = torch.zeros(t, n, dtype=DTYPE, device=device)
     t_ours = timer([ours_fn(x, y, st, meta) for st in stacks])
     t_bmm = timer([bmm_fn(x, y, st, sid, live) for st in stacks]) if do_bmm else None
+    t_paged = timer([paged_fn(x, y, pv, meta) for pv in paged]) if do_paged else None
     t_loop = slow_timer([loop_fn(x, y, st, host_ids, scalings) for st in stacks])
     w_bytes, a_bytes = floor_bytes(present, rank, k, slices, lora_tokens)
     floor_us = (w_bytes + a_bytes) / copy_bw * 1e6
@@ -299,7 +403,9 @@ def measure_point(model: str, proj: str, k: int, slices: tuple[int, ...], rank: 
                floor_weight_bytes=w_bytes, floor_act_bytes=a_bytes, us_floor=floor_us,
                x_loop=t_loop / t_ours, x_bmm=None if t_bmm is None else t_bmm / t_ours,
                ours_over_floor=t_ours / floor_us, copies=len(stacks), max_tiles=meta.max_tiles,
-               block_t=meta.block_t, rel_err=errs)
+               us_paged=t_paged, paged_over_ours=None if t_paged is None else t_paged / t_ours,
+               paged_over_floor=None if t_paged is None else t_paged / floor_us,
+               paged_copies=len(paged) if do_paged else None, block_t=meta.block_t, rel_err=errs)
     return row
 
 
@@ -400,19 +506,185 @@ def side_lines(side: dict | None, model: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------
+# Adapter memory and page-in: slot rows against pages
+# ----------------------------------------------------------------------------------------
+
+
+def model_projections(model: str) -> list[Projection]:
+    """Every fused linear of every layer, with the engine's module keys ("layers.0.self_attn.q_proj")."""
+    shapes = {**MODELS, **SMOKE_MODELS}[model]
+    return [Projection(tuple(f"layers.{i}.{n}" for n in FUSED_LINEARS[PROJ_MODULE[proj]]), k, slices)
+            for i in range(LAYERS[model]) for proj, (k, slices) in shapes.items()]
+
+
+def adapter_ranks(projections: list[Projection], rank: int, targets: str) -> dict[str, int]:
+    """Module ranks of a rank-`rank` adapter on q/v only or on every linear."""
+    return {key: rank for p in projections for key in p.keys
+            if targets == "all-linear" or key.endswith(QV_KEYS)}
+
+
+def slot_row_bytes(projections: list[Projection], capacity: int) -> int:
+    """One slot row of the slot kernels (`LoRAStack.allocate`: A [L * R, K] and B [N, R] per
+    projection at R = padded_rank(capacity)), on every linear: what any adapter takes there."""
+    r = padded_rank(capacity)
+    return sum(r * (len(p.slices) * p.in_features + sum(p.slices)) for p in projections) * DTYPE.itemsize
+
+
+def sizing_pool(projections: list[Projection]) -> LoRAPagePool:
+    """A one-page pool: the real page width and `pages_for`, nothing big allocated."""
+    return LoRAPagePool(projections, 1, PAGED_MAX_RANK, 1, DTYPE, "cpu")
+
+
+def fill_cycled(sizes: list[int], capacity: int) -> tuple[int, int]:
+    """(adapters, units used) when the kinds of `sizes` arrive in turn until the next does not fit."""
+    count = used = 0
+    while used + sizes[count % len(sizes)] <= capacity:
+        used += sizes[count % len(sizes)]
+        count += 1
+    return count, used
+
+
+def memory_figures(model: str, budget: int = MEMORY_BYTES) -> dict:
+    """How many adapters `budget` bytes of bf16 adapter memory hold: slot rows vs pages."""
+    projections = model_projections(model)
+    pool = sizing_pool(projections)
+    kinds = [dict(rank=r, targets=t, pages=pool.pages_for(adapter_ranks(projections, r, t)))
+             for r in MEMORY_RANKS for t in MEMORY_TARGETS]
+    for kind in kinds:
+        kind["bytes"] = kind["pages"] * pool.page_bytes
+    pages = budget // pool.page_bytes
+    fit, used = fill_cycled([kind["pages"] for kind in kinds], pages)
+    slots = [dict(capacity=c, row_bytes=slot_row_bytes(projections, c),
+                  fit=budget // slot_row_bytes(projections, c)) for c in SLOT_CAPACITIES]
+    return dict(model=model, layers=LAYERS[model], budget_bytes=budget, page_width=pool.page_width,
+                page_bytes=pool.page_bytes, pages=pages, table_bytes=pages * pool.table.element_size(),
+                kinds=kinds, paged_fit=fit, paged_pages_used=used, slots=slots)
+
+
+def mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.1f}"
+
+
+def memory_lines(m: dict) -> list[str]:
+    row64 = m["slots"][0]
+    head = ["adapter kind", "pages", "paged MB", f"slot row MB (capacity {row64['capacity']})", "row / paged"]
+    body = [[f"rank {k['rank']} {k['targets']}", str(k["pages"]), mb(k["bytes"]), mb(row64["row_bytes"]),
+             ratio(row64["row_bytes"] / k["bytes"])] for k in m["kinds"]]
+    slots = "; ".join(f"capacity {s['capacity']}: row {mb(s['row_bytes'])} MB -> {s['fit']} adapters"
+                      for s in m["slots"])
+    return [f"adapter memory, {m['budget_bytes'] / 2**30:g} GiB of bf16 on {m['model']} ({m['layers']} "
+            f"layers): page width {m['page_width']} ({m['page_bytes']} B per page), {m['pages']} pages "
+            f"(+ {m['table_bytes'] / 2**20:.0f} MiB of page table)",
+            *("  " + line for line in markdown(head, body, {1, 2, 3, 4})),
+            f"  slots, every row on all linears at the rank capacity: {slots}",
+            f"  paged, the {len(m['kinds'])} kinds above in turn: {m['paged_fit']} adapters "
+            f"({m['paged_pages_used']} pages used), {ratio(m['paged_fit'] / max(row64['fit'], 1))}x "
+            f"the slots at capacity {row64['capacity']}"]
+
+
+def random_modules(projections: list[Projection], ranks: dict[str, int],
+                   seed: int) -> dict[str, SimpleNamespace]:
+    """Random A [r, K], B [N_l, r] (host, bf16) for the modules in `ranks`."""
+    g = torch.Generator().manual_seed(seed)
+    shape = {key: (p.in_features, n) for p in projections for key, n in zip(p.keys, p.slices)}
+    out = {}
+    for key, r in ranks.items():
+        k, n = shape[key]
+        out[key] = SimpleNamespace(a=(torch.randn(r, k, generator=g) / math.sqrt(k)).to(DTYPE),
+                                   b=(torch.randn(n, r, generator=g) * 0.05).to(DTYPE), scaling=2.0)
+    return out
+
+
+def time_copies(fns: list[Callable[[], object]], device: torch.device, args) -> float:
+    """CUDA: events around back-to-back copies, as the kernels are timed. CPU: wall clock on
+    one thread (on a shared 2-core machine waking a second one costs milliseconds, not the copy)."""
+    if device.type == "cuda":
+        return loop_timer(fns, samples=args.samples, sample_ms=5.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return wall_timer(fns, reps=max(9, len(fns)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def page_in(model: str, device: torch.device, args) -> dict:
+    """A rank-8 q/v-only adapter paged in (`LoRAPagePool.load` of its `PackedAdapter` into a
+    pool sized for it) against one slot row copied (`Tensor.copy_`, capacity 16 and 64, all
+    linears). CUDA: pinned host -> GPU, non_blocking; CPU: host -> host. Each rotates among
+    enough sources and destinations that together they exceed --l2-bytes (no cached copy)."""
+    cuda = device.type == "cuda"
+    projections = model_projections(model)
+    ranks = adapter_ranks(projections, PAGE_IN_RANK, "q/v")
+    probe = sizing_pool(projections)
+    pages = probe.pages_for(ranks)
+    modules = random_modules(projections, ranks, args.seed)
+    pools = [LoRAPagePool(projections, 1, PAGED_MAX_RANK, pages, DTYPE, device)
+             for _ in range(copies_for(pages * probe.page_bytes, args.l2_bytes))]
+    packs = [pool.pack(modules, pin=cuda) for pool in pools]
+    runs = len(pools[0].load(0, packs[0], non_blocking=cuda).page_runs)
+    pools[0].release(0)
+
+    def load(pool: LoRAPagePool, packed) -> None:  # release is bookkeeping: the next load rewrites the pages
+        pool.load(0, packed, non_blocking=cuda)
+        pool.release(0)
+
+    nbytes = packs[0].pages.numel() * packs[0].pages.element_size()
+    us = time_copies([functools.partial(load, *pp) for pp in zip(pools, packs)], device, args)
+    paths = [dict(path="paged (LoRAPagePool.load)", capacity=None, bytes=nbytes, copies=runs + 3,
+                  page_runs=runs, rotated=len(pools), us=us)]
+    del pools, packs
+    for capacity in sorted(SLOT_CAPACITIES):
+        nbytes = slot_row_bytes(projections, capacity)
+        n = nbytes // DTYPE.itemsize
+        # sources filled: real pages (a fresh empty one reads the kernel's zero page on CPU)
+        rotated = copies_for(nbytes, args.l2_bytes)
+        pairs = [(torch.empty(n, dtype=DTYPE, pin_memory=cuda).fill_(1.0),
+                  torch.zeros(n, dtype=DTYPE, device=device)) for _ in range(rotated)]
+        us = time_copies([functools.partial(dst.copy_, src, non_blocking=cuda) for src, dst in pairs],
+                         device, args)
+        paths.append(dict(path=f"slot row, capacity {capacity}, all linears (Tensor.copy_)",
+                          capacity=capacity, bytes=nbytes, copies=1, page_runs=None, rotated=rotated, us=us))
+        del pairs
+    for x in paths:
+        x["gb_s"] = x["bytes"] / x["us"] / 1e3
+        x["over_paged"] = x["us"] / paths[0]["us"]
+    how = ("pinned host -> GPU, non_blocking, CUDA events" if cuda
+           else "host -> host, one thread, wall clock, median of 9")
+    return dict(model=model, rank=PAGE_IN_RANK, targets="q/v", device=str(device), how=how,
+                pages=pages, page_bytes=probe.page_bytes, paths=paths)
+
+
+def copies_cell(x: dict) -> str:
+    if x["page_runs"] is None:
+        return str(x["copies"])
+    return f"{x['copies']} ({x['page_runs']} page run{'s' * (x['page_runs'] != 1)} + table, record, scaling)"
+
+
+def page_in_lines(p: dict) -> list[str]:
+    head = ["path", "MB copied", "copies", "us", "GB/s", "x paged time", "rotated over"]
+    body = [[x["path"], mb(x["bytes"]), copies_cell(x), f"{x['us']:.1f}", f"{x['gb_s']:.1f}",
+             ratio(x["over_paged"]), str(x["rotated"])] for x in p["paths"]]
+    return [f"page-in of a rank-{p['rank']} {p['targets']}-only adapter on {p['model']} ({p['how']}; "
+            f"{p['pages']} pages of {p['page_bytes']} B):",
+            *("  " + line for line in markdown(head, body, {1, 3, 4, 5, 6}))]
+
+
+# ----------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------
 
 HEAD = ["model", "proj", "K", "N", "T", "adapters", "present", "assign", "rank", "loop us", "bmm us",
-        "ours us", "x loop", "x bmm", "floor us", "ours/floor"]
-NUMERIC = {2, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15}
+        "ours us", "x loop", "x bmm", "floor us", "ours/floor", "paged us", "paged/ours", "paged/floor"]
+NUMERIC = {2, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18}
 
 
 def cells(r: dict) -> list[str]:
     return [r["model"], r["proj"], str(r["k"]), "+".join(map(str, r["slices"])), str(r["t"]),
             str(r["distinct"]), str(r["present"]), r["assign"], str(r["rank"]), f"{r['us_loop']:.1f}",
             fmt(r["us_bmm"], ".1f", "skip (memory)"), f"{r['us_ours']:.1f}", ratio(r["x_loop"]),
-            ratio(r["x_bmm"]), ratio(r["us_floor"]), ratio(r["ours_over_floor"])]
+            ratio(r["x_bmm"]), ratio(r["us_floor"]), ratio(r["ours_over_floor"]), fmt(r["us_paged"], ".1f"),
+            ratio(r["paged_over_ours"]), ratio(r["paged_over_floor"])]
 
 
 def ratio(v: float | None) -> str:
@@ -428,20 +700,33 @@ def inline(r: dict) -> str:
             f"{r['assign']:<7} r={r['rank']:<3} loop {r['us_loop']:10.1f} us  bmm "
             f"{fmt(r['us_bmm'], '9.1f', 'skip (memory)')} us  ours {r['us_ours']:8.1f} us  "
             f"x{ratio(r['x_loop'])} vs loop  x{ratio(r['x_bmm'])} vs bmm  "
-            f"{ratio(r['ours_over_floor'])}x floor")
+            f"{ratio(r['ours_over_floor'])}x floor"
+            + ("" if r["us_paged"] is None else
+               f"  paged {r['us_paged']:8.1f} us {ratio(r['paged_over_ours'])}x ours "
+               f"{ratio(r['paged_over_floor'])}x floor"))
+
+
+def row_at(rows: list[dict], model: str, proj: str, point: tuple[int, int, int]) -> dict | None:
+    """The uniform row of (T, distinct adapters, rank) `point`, if measured."""
+    at = [r for r in rows if (r["model"], r["proj"], r["t"], r["distinct"], r["rank"], r["assign"])
+          == (model, proj, *point, "uniform")]
+    return at[0] if at else None
+
+
+def point_tag(point: tuple[int, int, int]) -> str:
+    t, d, r = point
+    return f"T={t}, {d} rank-{r} adapter{'s' if d > 1 else ''} uniform"
 
 
 def targets(rows: list[dict], side: dict | None, args) -> tuple[list[Target], list[str]]:
     out = []
-    t_a, d_a, r_a = args.target_point
     for model in args.models:
         for proj in args.models[model]:
-            at = [r for r in rows if (r["model"], r["proj"], r["t"], r["distinct"], r["rank"], r["assign"])
-                  == (model, proj, t_a, d_a, r_a, "uniform")]
-            r = at[0] if at else None
-            tag = f"(a) T={t_a}, {d_a} rank-{r_a} adapters uniform, {model}/{proj}"
+            r = row_at(rows, model, proj, args.target_point)
+            tag = f"(a) {point_tag(args.target_point)}, {model}/{proj}"
             out.append(Target(f"{tag}: speed-up over loop", r and r["x_loop"], "x", ">=", 100))
-            out.append(Target(f"{tag}: ours / byte floor", r and r["ours_over_floor"], "x", "<=", 1.5))
+            out.append(Target(f"{tag}: ours / byte floor", r and r["ours_over_floor"], "x", "<=",
+                              SLOT_FLOOR_GOAL))
     out.append(Target("(b) NF4 side by side, LoRA added (eager)",
                       side and 100 * side["added"], "%", "<=", 10))
     graph = side and side["graph"]
@@ -453,7 +738,23 @@ def targets(rows: list[dict], side: dict | None, args) -> tuple[list[Target], li
     violations = [f"{r['model']}/{r['proj']} T={r['t']} adapters={r['distinct']} {r['assign']} "
                   f"r={r['rank']}: ours {r['us_ours']:.1f} us > bmm {r['us_bmm']:.1f} us"
                   for r in with_bmm if r["us_ours"] > r["us_bmm"]]
-    return out, violations
+    return out + paged_targets(rows, args), violations
+
+
+def paged_targets(rows: list[dict], args) -> list[Target]:
+    """(d) paged <= 1.1x the slot kernels and (e) paged / floor <= 1.1x (a)'s floor goal, at
+    the slot kernels' target points (many adapters and one), per projection."""
+    out = []
+    for point in args.paged_points if args.paged != "none" else []:
+        for model in args.models:
+            for proj in args.models[model]:
+                r = row_at(rows, model, proj, point)
+                tag = f"{point_tag(point)}, {model}/{proj}"
+                out.append(Target(f"(d) {tag}: paged / slot kernels", r and r["paged_over_ours"], "x", "<=",
+                                  PAGED_GOAL))
+                out.append(Target(f"(e) {tag}: paged / byte floor", r and r["paged_over_floor"], "x", "<=",
+                                  round(PAGED_GOAL * SLOT_FLOOR_GOAL, 4)))
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -497,12 +798,21 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on whatever device there is (CPU), wall-clock timing: "
                         "checks the harness only")
+    p.add_argument("--paged", choices=list(PAGED_WHERE), default=None,
+                   help="where to time apply_paged_lora: every point, only targets (d)/(e)'s, or none "
+                        "(default all; smoke targets)")
+    p.add_argument("--memory", action="store_true",
+                   help="print how many adapters 8 GiB hold, slot rows vs pages (arithmetic), and exit")
+    p.add_argument("--page-in", action="store_true",
+                   help="time paging in a rank-8 q/v adapter vs copying a slot row on this device, and exit")
+    p.add_argument("--no-page-in", action="store_true", help="skip the page-in figures of a full run")
     args = p.parse_args(argv)
     d = SMOKE if args.smoke else FULL
     args.ts = ints(args.ts) if args.ts else list(d["ts"])
     args.distinct = ints(args.distinct) if args.distinct else list(d["distinct"])
     args.ranks = ints(args.ranks) if args.ranks else list(d["ranks"])
     args.slots = args.slots or d["slots"]
+    args.paged = args.paged or d["paged"]
     args.side_m = args.side_m or d["side_m"]
     if args.base_every is None:
         args.base_every = 4 if args.smoke else 0
@@ -527,12 +837,47 @@ def parse_args(argv: list[str] | None = None):
     args.models = {m: {q: v for q, v in models[m].items() if projs is None or q in projs} for m in names}
     # the point of target (a): T=64, 64 adapters, rank 16 (smoke: T=16, 4 adapters, rank 16)
     args.target_point = (16, 4, 16) if args.smoke else (64, 64, 16)
+    # targets (d)/(e): (a)'s point and one adapter for the whole batch
+    args.paged_points = [args.target_point, (args.target_point[0], 1, args.target_point[2])]
     args.timer = "wall (perf_counter)" if args.smoke else "loop (CUDA events)"
     return args
 
 
+def write_json(path: str, report: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+
+
+def memory_only(args) -> int:
+    """--memory: arithmetic on the real model shapes, no device."""
+    memory = [memory_figures(m) for m in MODELS]
+    print("\n\n".join("\n".join(memory_lines(m)) for m in memory))
+    if args.json:
+        write_json(args.json, dict(memory=memory))
+    return 0
+
+
+def page_in_only(args) -> int:
+    """--page-in: on CUDA if there is one, else host to host."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    print(f"# lora page-in | date {env['date']} | device {env['device']} | torch {env['torch']}", flush=True)
+    results = []
+    for model in args.models:
+        results.append(page_in(model, device, args))
+        print("\n".join(page_in_lines(results[-1])), flush=True)
+    if args.json:
+        write_json(args.json, dict(env=env, page_in=results))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.memory:
+        return memory_only(args)
+    if args.page_in:
+        return page_in_only(args)
     device = bench_device(args.smoke, "lora")
     if device is None:
         return 2
@@ -565,16 +910,22 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.perf_counter() - started:.0f} s] {model}/{proj} K={k} slices {slices} "
                       f"rank {rank}: {len(stacks)} stack copies "
                       f"({(stacks[0].a.numel() + stacks[0].b.numel()) * 2 / 1e6:.1f} MB each)", flush=True)
+                paged = None
+                if any(paged_here(t, d, "uniform", rank, args) for t in args.ts for d in args.distinct):
+                    paged = make_paged(stacks[0], proj, k, slices, device, args.l2_bytes, args.seed)
+                    pool_mb = paged[0].pages.numel() * 2 / 1e6
+                    print(f"  paged: {len(paged)} pool copies ({pool_mb:.1f} MB each, page width "
+                          f"{paged[0].page_width}, max rank {paged[0].max_rank})", flush=True)
                 for t in args.ts:
                     for distinct in args.distinct:
                         for how in args.assign:
                             if how == "zipf" and distinct == 1 and "uniform" in args.assign:
                                 continue  # one adapter: the same batch as uniform
-                            row = measure_point(model, proj, k, slices, rank, stacks, t, distinct, how,
+                            row = measure_point(model, proj, k, slices, rank, stacks, paged, t, distinct, how,
                                                 device, args, copy_bw)
                             rows.append(row)
                             print("  " + inline(row), flush=True)
-                del stacks
+                del stacks, paged
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 
@@ -585,6 +936,8 @@ def main(argv: list[str] | None = None) -> int:
         side = side_by_side(k, n, args.side_m, device, args)
         print("\n".join(side_lines(side, side_model)), flush=True)
 
+    memory = [memory_figures(m) for m in MODELS]
+    pages_in = [] if args.no_page_in else [page_in(next(iter(args.models)), device, args)]
     goals, violations = targets(rows, side, args)
     elapsed = time.perf_counter() - started
 
@@ -598,6 +951,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n".join(side_lines(side, side_model)))
     print()
+    for lines in [memory_lines(m) for m in memory] + [page_in_lines(p) for p in pages_in]:
+        print("\n".join(lines) + "\n")
     print("targets (smoke mode: tiny shapes on CPU, the verdicts mean nothing):"
           if args.smoke else "targets:")
     print("\n".join("  " + g.line() for g in goals))
@@ -612,11 +967,10 @@ def main(argv: list[str] | None = None) -> int:
                       models={m: {q: dict(k=k, slices=list(s)) for q, (k, s) in p.items()}
                               for m, p in args.models.items()},
                       copy_bandwidth_bytes_per_s=copy_bw, meta_build=metas, rows=rows, side_by_side=side,
+                      memory=memory, page_in=pages_in,
                       targets=[dict(dataclasses.asdict(g), verdict=g.verdict()) for g in goals],
                       violations=violations, seconds=elapsed)
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
     return 0
 
 

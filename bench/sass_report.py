@@ -35,6 +35,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from loraplex.kernels import attention as attn  # noqa: E402
 from loraplex.kernels import fused  # noqa: E402
 from loraplex.kernels import lora  # noqa: E402
+from loraplex.kernels import lora_paged  # noqa: E402
 from loraplex.kernels import nf4_matmul as mm  # noqa: E402
 from loraplex.kernels import prefill_attention as prefill  # noqa: E402
 from loraplex.kernels import runtime  # noqa: E402
@@ -81,6 +82,28 @@ def compile_lora(kind: str, split_k: int = 1):
     # the sizes that are multiples of 16 for Llama shapes
     return compile_sm90(kernel, LORA_SIGNATURE, constexprs, ("K", "LR", "R", "stride_as", "stride_bs", "stride_y"),
                         num_warps=4)
+
+
+# The paged kernels read A and B through the page table: pages, table and the slot records'
+# column views (strides of the pool's [S, 3, C] info and [S, C] scaling) replace the stacks.
+PAGED_SIGNATURE = {**LORA_SIGNATURE, "pages_ptr": "*bf16", "table_ptr": "*i32", "a_start_ptr": "*i32",
+                   "b_start_ptr": "*i32", "stride_a_start": "i32", "stride_b_start": "i32"}
+PAGED_W = 256       # Llama-2-7B's page width: gcd(4096, 11008)
+PAGED_R = 256       # the server's rank bound: h has 256 columns per slice
+PAGED_BLOCK_R = 64  # lora_paged._rank_tile at that bound
+
+
+def compile_paged(kind: str, split_k: int = 1):
+    """Compile a paged LoRA kernel for sm_90 as `lora_paged.py` launches it for Llama-2-7B at
+    the server's rank bound: 16-token tiles, 64-row rank tiles, K chunks and N tiles of one page."""
+    kernel = {"paged_shrink": lora_paged._paged_shrink_kernel, "paged_expand": lora_paged._paged_expand_kernel}[kind]
+    constexprs = dict(PAGE_W=PAGED_W, BLOCK_M=16, BLOCK_R=PAGED_BLOCK_R, DOT_FP32=False)
+    constexprs.update(dict(BLOCK_K=256, SPLIT_K=split_k) if kind == "paged_shrink" else dict(BLOCK_N=128))
+    # multiples of 16 for Llama shapes: K, h's width, R, y's row; the records' row strides
+    # (3 * C and C for C = 7 slices x 32 layers)
+    return compile_sm90(kernel, PAGED_SIGNATURE, constexprs,
+                        ("K", "LR", "R", "stride_y", "stride_rank", "stride_a_start", "stride_b_start",
+                         "stride_scaling"), num_warps=4)
 
 
 ATTENTION_SIGNATURE = {  # both attention kernels; names not in a kernel's parameters are ignored
@@ -249,6 +272,8 @@ def opcode_mix(lines: list[str]) -> Counter:
 def report(plan: mm.Plan, dump: Path | None) -> dict:
     if plan.kind.startswith("lora"):
         compiled = compile_lora(plan.kind, plan.split_k)
+    elif plan.kind.startswith("paged"):
+        compiled = compile_paged(plan.kind, plan.split_k)
     elif plan.kind.startswith("attention"):
         compiled = compile_attention(plan)
     elif plan.kind == "prefill_attention":
@@ -275,6 +300,7 @@ def report(plan: mm.Plan, dump: Path | None) -> dict:
     loop = opcode_mix(sass.splitlines() if straight else innermost_loop(sass.splitlines(), needs))
     # weight bytes one program reads per loop iteration
     code_bytes = {"dequant": 64 * 32, "lora_shrink": 16 * 256 * 2, "lora_expand": 128 * 16 * 2,
+                  "paged_shrink": PAGED_BLOCK_R * 256 * 2, "paged_expand": 128 * PAGED_BLOCK_R * 2,
                   "attention": 2 * plan.block_n * ATTENTION_D * 2,  # attention: a K and a V tile
                   "prefill_attention": 2 * plan.block_n * ATTENTION_D * 2}.get(
         plan.kind, plan.block_n * plan.block_k // 2)
@@ -290,6 +316,7 @@ def default_plans() -> list[mm.Plan]:
     plans = {mm.heuristic_plan(n, k, m, torch.device("cuda")) for n, k in shapes for m in (1, 16, 64, 256)}
     plans = {p for p in plans if p.kind != "cublas"} | {mm.Plan("dequant", num_warps=4)}
     plans |= {mm.Plan("lora_shrink", split_k=1), mm.Plan("lora_shrink", split_k=4), mm.Plan("lora_expand")}
+    plans |= {mm.Plan("paged_shrink", split_k=1), mm.Plan("paged_shrink", split_k=4), mm.Plan("paged_expand")}
     # paged decode attention, Llama-7B: G = 1 (Hkv = 32) and G = 4 (Hkv = 8), without and with
     # KV splits (batch-1 long context), and the split combine
     block_n = attn.block_n_for(ATTENTION_D)
@@ -330,6 +357,8 @@ def main() -> None:
             failed.append(f"{plan}: spills {r['local']} bytes to local memory")
         if plan.kind.startswith("lora"):
             name = f"{plan.kind} 16x16 s{plan.split_k}"
+        elif plan.kind.startswith("paged"):
+            name = f"{plan.kind} 16x{PAGED_BLOCK_R} W{PAGED_W} R{PAGED_R} s{plan.split_k}"
         elif plan.kind == "attention":
             name = f"attention G{plan.block_m} n{plan.block_n} d{ATTENTION_D} s{plan.split_k} w{plan.num_warps}"
         elif plan.kind == "prefill_attention":

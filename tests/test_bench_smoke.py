@@ -49,6 +49,44 @@ def test_lora_bench_smoke(tmp_path):
     side = report["side_by_side"]
     assert side["us_nf4"] > 0 and side["us_nf4_lora"] > 0 and side["graph"] is None
     assert any(t["label"].startswith("(c)") for t in report["targets"])
+    # paged kernels (smoke: at targets (d)/(e)'s points only), checked against the same oracle
+    assert "paged us" in result.stdout and "paged/floor" in result.stdout
+    paged = [r for r in rows if r["us_paged"] is not None]
+    assert {(r["proj"], r["distinct"]) for r in paged} == {(proj, d) for proj in ("qkv", "o") for d in (1, 4)}
+    assert all(r["t"] == 16 and r["assign"] == "uniform" and r["paged_over_ours"] > 0
+               and r["paged_over_floor"] > 0 and r["rel_err"]["paged"] <= 2e-2 for r in paged)
+    goals = {t["label"][:3] for t in report["targets"]}
+    assert {"(d)", "(e)"} <= goals
+    assert all(t["value"] is not None for t in report["targets"] if t["label"][:3] in ("(d)", "(e)"))
+    # memory figures of the real models, page-in on the smoke shapes
+    assert [m["model"] for m in report["memory"]] == ["llama2-7b", "llama3-8b"]
+    [page_in] = report["page_in"]
+    assert page_in["model"] == "smoke" and all(x["us"] > 0 and x["bytes"] > 0 for x in page_in["paths"])
+    assert "page-in of a rank-8 q/v-only adapter" in result.stdout
+
+
+def test_lora_bench_memory_figures(tmp_path):
+    out = tmp_path / "memory.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--memory", "--json", str(out)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "adapter memory, 8 GiB of bf16 on llama2-7b" in result.stdout and "llama3-8b" in result.stdout
+    memory = {m["model"]: m for m in json.loads(out.read_text())["memory"]}
+    m = memory["llama2-7b"]
+    assert (m["page_width"], m["page_bytes"]) == (256, 512) and memory["llama3-8b"]["page_width"] == 1024
+    # a slot row at capacity 64: 64 * (q/k/v 3 * 4096 + 12288, o 8192, gate/up 2 * 4096 + 22016,
+    # down 11008 + 4096) * 32 layers * 2 B
+    slots = {s["capacity"]: s for s in m["slots"]}
+    assert slots[64]["row_bytes"] == 64 * 78080 * 32 * 2
+    assert slots[64]["fit"] == (8 << 30) // slots[64]["row_bytes"] == 26
+    # rank 8 q/v: 8 * (4096 + 4096) * 2 per layer, in 512-B pages
+    kinds = {(k["rank"], k["targets"]): k for k in m["kinds"]}
+    assert kinds[8, "q/v"]["bytes"] == 8 * 16384 * 32 * 2 and len(kinds) == 10
+    assert kinds[64, "all-linear"]["bytes"] == slots[64]["row_bytes"]
+    for fig in memory.values():  # a mixed population fits several times the full rows
+        assert fig["paged_fit"] > 3 * fig["slots"][0]["fit"] > 0
+        assert fig["paged_pages_used"] <= fig["pages"]
 
 
 def test_e2e_bench_smoke(tmp_path):

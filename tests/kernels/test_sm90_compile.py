@@ -25,5 +25,8 @@ def test_kernels_compile_for_sm90_without_spills():
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| gemv " in result.stdout and "| gemm " in result.stdout and "| dequant " in result.stdout
+    # the LoRA kernels over slots and over pages (page width 256, rank bound 256)
+    assert "| lora_shrink " in result.stdout and "| paged_shrink " in result.stdout
+    assert "| lora_expand " in result.stdout and "| paged_expand " in result.stdout
     # paged prefill attention, Llama-7B/8B: G = 1 (Hkv 32) and G = 4 (Hkv 8), D 128, bf16
     assert "| prefill_attention G1 " in result.stdout and "| prefill_attention G4 " in result.stdout
