@@ -282,6 +282,8 @@ class AdapterRegistry:
         if self._tmp is not None:
             self._tmp.cleanup()
 
+    # -- admin side (any thread) ----------------------------------------------------------
+
     def register(self, name: str, path: str | Path, *, replace: bool = False, pin: bool = False,
                  roots: list[str | Path] | None = None, _owns_path: bool = False) -> AdapterInfo:
         """Read, validate and stage an adapter under `name`; raise AdapterError (the registry
