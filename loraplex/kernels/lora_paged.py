@@ -140,8 +140,8 @@ class PagedLoRA:
 
 def _rows(stack: PagedLoRA, start: int, rows: int, width: int) -> torch.Tensor:
     # `rows` rank-rows of length `width`, their pages listed row by row from table[start]
-    ids = stack.table[start: start + rows * (width // stack.page_width)].long()
-    return stack.pages[ids].reshape(rows, width)
+    ids = stack.table[start: start + rows * (width // stack.page_width)]
+    return stack.pages.index_select(0, ids).view(rows, width)
 
 
 def _records(stack: PagedLoRA) -> list[list[tuple[int, int, int, float]]]:
@@ -201,14 +201,17 @@ def paged_shrink_ref(x: torch.Tensor, stack: PagedLoRA, meta: BatchMeta) -> torc
 def paged_expand_ref(h: torch.Tensor, stack: PagedLoRA, meta: BatchMeta, y: torch.Tensor) -> torch.Tensor:
     """y[token, slice l] += scaling * h[:, slice l] @ B.T, in place; returns y."""
     r_max = stack.max_rank
-    starts = list(accumulate(stack.slices, initial=0))
     records = _records(stack)
     for s, start, tokens in _segments(meta):
+        hs = h[start: start + len(tokens)]
+        deltas = []  # one row block per slice, so each slot's delta is added in one op
         for l, (r, _, b0, scale) in enumerate(records[s]):
             if r:
                 b = _rows(stack, b0, r, stack.slices[l]).float()  # [r, N_l]: B.T
-                delta = scale * h[start: start + len(tokens), l * r_max: l * r_max + r] @ b
-                y[tokens, starts[l]: starts[l + 1]] += delta.to(y.dtype)
+                deltas.append(scale * hs[:, l * r_max: l * r_max + r] @ b)
+            else:
+                deltas.append(hs.new_zeros(len(tokens), stack.slices[l]))
+        y.index_add_(0, tokens, torch.cat(deltas, dim=1).to(y.dtype))
     return y
 
 
