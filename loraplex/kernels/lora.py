@@ -19,6 +19,10 @@ bound (`max_tiles`), so a step can be captured in a CUDA graph; unused tiles exi
 Tokens of slot -1 (base model only) are in no tile and get no delta.
 
 On CPU the `*_ref` functions run unless `TRITON_INTERPRET=1` (tests), as in `nf4_matmul`.
+
+The engine reads adapters from paged memory (`lora_paged.py`, `lora_pool.py`), which reuses
+`BatchMeta`; these slot kernels, every slot pre-allocated at rank capacity, stay as the
+baseline `bench/lora.py` measures the paged kernels against.
 """
 
 from __future__ import annotations
