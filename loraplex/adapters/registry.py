@@ -242,7 +242,7 @@ class AdapterRegistry:
         num_pages = max(1, config.gpu_bytes // page_bytes) if config.gpu_bytes else config.gpu_slots * full
         self.pool = model.allocate_lora(config.gpu_slots, config.max_rank, num_pages)
         self.num_slots = config.gpu_slots
-        self.host_limit = config.host_bytes or config.host_slots * (full * page_bytes + 16 * self.pool.num_columns)
+        self.host_limit = config.host_bytes or config.host_slots * (full * page_bytes + self.pool.record_bytes)
         self.on_event = on_event
         self._lock = threading.RLock()
         self._host_freed = threading.Condition(self._lock)

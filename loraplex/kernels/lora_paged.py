@@ -104,6 +104,9 @@ class PagedLoRA:
     def device(self) -> torch.device:
         return self.pages.device
 
+    def __post_init__(self):
+        self.check()  # once: the layout is fixed for the view's life, so no launch repeats it
+
     def check(self) -> None:
         """Raise ValueError unless the layout is one the kernels can read (shapes and dtypes
         only: no data is looked at, so it costs no device sync)."""
@@ -352,7 +355,6 @@ def paged_shrink_launch(stack: PagedLoRA, num_tokens: int, device: torch.device,
 
 
 def _check(x_or_h: torch.Tensor, stack: PagedLoRA, meta: BatchMeta, width: int, what: str) -> None:
-    stack.check()
     if x_or_h.dim() != 2 or x_or_h.shape != (meta.num_tokens, width):
         raise ValueError(f"{what}: expected [{meta.num_tokens}, {width}], got {list(x_or_h.shape)}")
     if meta.num_slots != stack.num_slots:

@@ -421,7 +421,7 @@ def test_the_shrink_splits_like_the_slot_kernels_at_rank_16(monkeypatch, t, dist
     paged = PagedLoRA(pages=torch.zeros(1, 1024, dtype=torch.bfloat16, device="meta"),
                       table=torch.zeros(1, dtype=torch.int32, device="meta"), rank=records[:, 0, :3],
                       scaling=torch.zeros(slots, c, device="meta")[:, :3], a_start=records[:, 1, :3],
-                      b_start=records[:, 2, :3], slices=slices, slice_starts=torch.zeros(4, dtype=torch.int32),
+                      b_start=records[:, 2, :3], slices=slices, slice_starts=torch.zeros(4, dtype=torch.int32, device="meta"),
                       in_features=k, max_rank=256)
     slot_plan, paged_plan = shrink_launch(slot_stack, t, cuda), paged_shrink_launch(paged, t, cuda)
     assert paged_plan.split == slot_plan.split and paged_plan.block_k == slot_plan.block_k == 256
