@@ -157,6 +157,21 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 if triton is not None:
 
+    @triton.jit
+    def online_softmax_step(s, v, m_i, l_i, acc, DOT_FP32: tl.constexpr):
+        """Fold one tile of base-2 logits s [M, N] (masked to -inf) and its values v [N, D] into
+        the running maximum m_i, sum l_i and output acc [M, D]; shared by the decode and
+        prefill kernels. Returns the new (m_i, l_i, acc)."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DOT_FP32:
+            acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        return m_new, l_i, acc
+
     @triton.jit(do_not_specialize=["stride_bt"])  # the table's width changes from step to step
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, m_ptr, l_ptr,
@@ -200,16 +215,8 @@ if triton is not None:
             else:
                 s = tl.dot(q, tl.trans(k))
             s = tl.where(p_mask[None, :], s * scale_log2, float("-inf"))
-            # every tile holds at least one real position, so m_new is finite
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DOT_FP32:
-                acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-            m_i = m_new
+            # every tile holds at least one real position, so the new maximum is finite
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_FP32)
 
         rows = b * Hq + heads
         if SPLIT == 1:

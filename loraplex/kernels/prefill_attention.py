@@ -156,6 +156,7 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 # ----------------------------------------------------------------------------------------
 
 if triton is not None:
+    from .attention import online_softmax_step
 
     @triton.jit
     def _attend_tile(q, k_ptr, v_ptr, table, n0, kvh, row_pos, hi_pos, m_i, l_i, acc, scale_log2, stride_pos,
@@ -186,15 +187,7 @@ if triton is not None:
             s = tl.where(pos[None, :] <= row_pos[:, None], s * scale_log2, float("-inf"))
         else:
             s = s * scale_log2
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DOT_FP32:
-            acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        return m_new, l_i, acc
+        return online_softmax_step(s, v, m_i, l_i, acc, DOT_FP32)
 
     @triton.jit(do_not_specialize=["num_chunks", "search_steps", "stride_bt"])  # change per step
     def _paged_prefill_kernel(
