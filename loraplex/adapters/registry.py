@@ -522,10 +522,7 @@ class AdapterRegistry:
         try:
             packed = self.pool.pack(adapter.modules)  # pinned allocation and packing: outside the lock
         except BaseException:
-            with self._lock:
-                self._host_claims -= 1
-                self._host_bytes -= nbytes
-                self._host_freed.notify_all()
+            self._settle_claim(None, entry)  # its bytes are entry.packed_bytes (checked above)
             raise
         return adapter, packed, time.monotonic() - started
 
